@@ -1,1 +1,54 @@
-//! placeholder
+//! equicrypt-core: the secret key, domain-separated derivation of every transform, permutations,
+//! and per-architecture transform plans for Equivariant Encryption.
+//!
+//! Paper: Nesa, *Encrypted Large Model Inference: The Equivariant Encryption Paradigm* (2025).
+//! The equivariance rules implemented here are in `shared/design/ee-math.md`.
+//! This crate performs no file I/O.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod key;
+mod llama;
+mod permutation;
+
+pub use key::{KeyFingerprint, SecretKey, KEY_FILE_HEADER};
+pub use llama::{
+    LayerTransforms, LlamaPlan, LlamaShape, PermMode, ResidualPermutation, TensorTransform,
+    VocabPermutation, QUANT_BLOCK,
+};
+pub use permutation::Permutation;
+
+/// Errors of the core layer.
+#[derive(Debug, thiserror::Error)]
+pub enum CoreError {
+    /// A map that was supposed to be a bijection on `0..len` is not.
+    #[error("not a permutation of 0..{len}")]
+    NotAPermutation {
+        /// Length of the offending map.
+        len: usize,
+    },
+    /// The key file could not be parsed.
+    #[error("invalid key file: {0}")]
+    KeyFormat(String),
+    /// The operating system's RNG failed.
+    #[error("OS random number generator failed: {0}")]
+    Rng(String),
+    /// The model's shape violates a constraint of the plan.
+    #[error("unsupported model shape: {0}")]
+    UnsupportedShape(String),
+    /// A tensor the plan does not know how to transform.
+    #[error("unsupported tensor '{0}' (no equivariance rule for it)")]
+    UnsupportedTensor(String),
+    /// An unknown encryption mode name.
+    #[error("unknown encryption mode '{0}' (expected perm-exact or perm-full)")]
+    UnknownMode(String),
+    /// A token id outside the vocabulary.
+    #[error("token id {id} is outside the vocabulary (size {vocab})")]
+    TokenOutOfRange {
+        /// The offending id.
+        id: u32,
+        /// Vocabulary size.
+        vocab: usize,
+    },
+}

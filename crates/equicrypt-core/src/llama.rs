@@ -1,0 +1,492 @@
+//! The transform plan for LLaMA-family decoders (GGUF architecture `llama`).
+//!
+//! Rules (numbers refer to `shared/design/ee-math.md`):
+//! - vocabulary permutation on embedding rows and head rows (rule 9);
+//! - one residual permutation on every tensor that reads or writes the residual stream, and on
+//!   the RMSNorm gains (rules 1, 4);
+//! - per layer an FFN permutation on gate/up rows and down columns (rule 3);
+//! - per layer a head permutation that moves each kv head with its group of query heads, and
+//!   shuffles query heads inside the group (rule 7);
+//! - per kv head a permutation of V's output dims with the same map on O's input columns (rule 7);
+//! - per kv head a sign flip of whole RoPE pairs `(2i, 2i+1)` on Q and K rows (rule 8): the only
+//!   lossless transform of Q/K head dims that commutes with RoPE.
+//!
+//! [`PermMode::Exact`] keeps every permuted input axis *inside* its aligned 32-value groups and
+//! leaves heads in place, so that every floating-point reduction over a permuted axis runs in the
+//! same order and an engine with order-independent norms gives bit-identical logits.
+//! [`PermMode::Full`] also moves whole 32-blocks and heads: a larger key space, but the reduction
+//! order changes, so logits agree only to rounding.
+
+use crate::{CoreError, Permutation, SecretKey};
+
+/// Values per quantization block along a tensor's input axis (Q4_0 … Q8_0).
+pub const QUANT_BLOCK: usize = 32;
+
+/// Hyper-parameters of a LLaMA-family model that the plan depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlamaShape {
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Width of the FFN intermediate space.
+    pub d_ff: usize,
+    /// Number of query heads.
+    pub n_head: usize,
+    /// Number of key/value heads (grouped-query attention when smaller than `n_head`).
+    pub n_kv_head: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl LlamaShape {
+    /// Dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model / self.n_head
+    }
+
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.n_head / self.n_kv_head
+    }
+
+    /// Checks the constraints the plan relies on.
+    pub fn validate(&self) -> Result<(), CoreError> {
+        let bad = |m: String| Err(CoreError::UnsupportedShape(m));
+        if self.n_head == 0 || self.n_kv_head == 0 || self.n_layers == 0 || self.vocab == 0 {
+            return bad("zero-sized model".into());
+        }
+        if self.d_model % self.n_head != 0 {
+            return bad(format!(
+                "d_model {} is not a multiple of n_head {}",
+                self.d_model, self.n_head
+            ));
+        }
+        if self.n_head % self.n_kv_head != 0 {
+            return bad(format!(
+                "n_head {} is not a multiple of n_kv_head {}",
+                self.n_head, self.n_kv_head
+            ));
+        }
+        for (what, v) in [
+            ("d_model", self.d_model),
+            ("d_ff", self.d_ff),
+            ("head_dim", self.head_dim()),
+        ] {
+            if v % QUANT_BLOCK != 0 {
+                return bad(format!("{what} {v} is not a multiple of {QUANT_BLOCK}"));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Which part of the key space a plan draws from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum PermMode {
+    /// Permutations inside aligned 32-value groups only, heads fixed: bit-exact in an engine whose
+    /// reductions over permuted axes are order-independent. The default.
+    #[default]
+    Exact,
+    /// Also moves whole blocks and heads: larger key space, logits equal only to rounding.
+    Full,
+}
+
+impl PermMode {
+    /// The name stored in encrypted model metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PermMode::Exact => "perm-exact",
+            PermMode::Full => "perm-full",
+        }
+    }
+
+    /// Parses [`PermMode::as_str`] output.
+    pub fn parse(s: &str) -> Result<Self, CoreError> {
+        match s {
+            "perm-exact" | "exact" => Ok(PermMode::Exact),
+            "perm-full" | "full" => Ok(PermMode::Full),
+            other => Err(CoreError::UnknownMode(other.to_string())),
+        }
+    }
+}
+
+/// The vocabulary permutation: plaintext token id ↦ ciphertext token id.
+#[derive(Clone, Debug)]
+pub struct VocabPermutation(pub Permutation);
+
+impl VocabPermutation {
+    /// Derives the vocabulary permutation of a key.
+    pub fn derive(key: &SecretKey, vocab: usize) -> Self {
+        Self(Permutation::random(vocab, &mut key.stream("vocab")))
+    }
+
+    /// Plaintext id → ciphertext id. Errors on ids outside the vocabulary.
+    pub fn encrypt_id(&self, id: u32) -> Result<u32, CoreError> {
+        self.check(id)?;
+        Ok(self.0.apply(id))
+    }
+
+    /// Ciphertext id → plaintext id. Errors on ids outside the vocabulary.
+    pub fn decrypt_id(&self, id: u32) -> Result<u32, CoreError> {
+        self.check(id)?;
+        Ok(self.0.invert(id))
+    }
+
+    /// Encrypts a sequence of ids.
+    pub fn encrypt_ids(&self, ids: &[u32]) -> Result<Vec<u32>, CoreError> {
+        ids.iter().map(|&i| self.encrypt_id(i)).collect()
+    }
+
+    /// Decrypts a sequence of ids.
+    pub fn decrypt_ids(&self, ids: &[u32]) -> Result<Vec<u32>, CoreError> {
+        ids.iter().map(|&i| self.decrypt_id(i)).collect()
+    }
+
+    /// Vocabulary size.
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    /// Whether the vocabulary is empty.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn check(&self, id: u32) -> Result<(), CoreError> {
+        if (id as usize) < self.0.len() {
+            Ok(())
+        } else {
+            Err(CoreError::TokenOutOfRange {
+                id,
+                vocab: self.0.len(),
+            })
+        }
+    }
+}
+
+/// The permutation of the residual stream (embedding columns, norm gains, …).
+#[derive(Clone, Debug)]
+pub struct ResidualPermutation(pub Permutation);
+
+/// Transforms of one transformer block.
+#[derive(Clone, Debug)]
+pub struct LayerTransforms {
+    /// FFN intermediate permutation (gate/up rows, down columns).
+    pub ffn: Permutation,
+    /// New position of every query-head row: `q_rows.apply(h*hd + j)`.
+    pub q_rows: Permutation,
+    /// New position of every key-head row.
+    pub k_rows: Permutation,
+    /// New position of every value-head row (kv head move plus within-head dims).
+    pub v_rows: Permutation,
+    /// New position of every attention-output column (query head move plus the V dims of its kv head).
+    pub o_cols: Permutation,
+    /// Sign of each Q row *before* moving (`true` = negate), indexed by original row.
+    pub q_negate: Vec<bool>,
+    /// Sign of each K row before moving, indexed by original row.
+    pub k_negate: Vec<bool>,
+}
+
+/// How one tensor is rewritten. Rows are the output axis (`ne1`), columns the input axis (`ne0`).
+#[derive(Clone, Debug, Default)]
+pub struct TensorTransform {
+    /// New position of each row, if rows move.
+    pub rows: Option<Permutation>,
+    /// New position of each column (or element, for 1-D tensors), if columns move.
+    pub cols: Option<Permutation>,
+    /// Rows to negate (indexed by original row), applied before moving.
+    pub negate_rows: Option<Vec<bool>>,
+}
+
+impl TensorTransform {
+    /// Whether the tensor is left untouched.
+    pub fn is_identity(&self) -> bool {
+        self.rows.is_none() && self.cols.is_none() && self.negate_rows.is_none()
+    }
+}
+
+/// The complete, key-derived plan for one LLaMA-family model.
+#[derive(Clone, Debug)]
+pub struct LlamaPlan {
+    /// Shape the plan was made for.
+    pub shape: LlamaShape,
+    /// Which key space the plan draws from.
+    pub mode: PermMode,
+    /// Token id permutation.
+    pub vocab: VocabPermutation,
+    /// Residual stream permutation.
+    pub residual: ResidualPermutation,
+    /// Per-layer transforms.
+    pub layers: Vec<LayerTransforms>,
+}
+
+/// A permutation of `0..n` (n a multiple of 32) that moves values only inside 32-groups
+/// (`Exact`) or also moves the groups (`Full`).
+fn block_structured(
+    key: &SecretKey,
+    label: &str,
+    n: usize,
+    mode: PermMode,
+) -> Result<Permutation, CoreError> {
+    if n % QUANT_BLOCK != 0 {
+        return Err(CoreError::UnsupportedShape(format!(
+            "{label}: size {n} is not a multiple of {QUANT_BLOCK}"
+        )));
+    }
+    let mut rng = key.stream(label);
+    let groups = n / QUANT_BLOCK;
+    let outer = match mode {
+        PermMode::Exact => Permutation::identity(groups),
+        PermMode::Full => Permutation::random(groups, &mut rng),
+    };
+    let inner: Vec<Permutation> = (0..groups)
+        .map(|_| Permutation::random(QUANT_BLOCK, &mut rng))
+        .collect();
+    Ok(Permutation::blocked(&outer, &inner))
+}
+
+impl LlamaPlan {
+    /// Derives the plan for `shape` from `key`.
+    pub fn derive(key: &SecretKey, shape: LlamaShape, mode: PermMode) -> Result<Self, CoreError> {
+        shape.validate()?;
+        let vocab = VocabPermutation::derive(key, shape.vocab);
+        let residual = ResidualPermutation(block_structured(
+            key,
+            "residual",
+            shape.d_model,
+            mode,
+        )?);
+        let layers = (0..shape.n_layers)
+            .map(|l| Self::derive_layer(key, &shape, mode, l))
+            .collect::<Result<_, _>>()?;
+        Ok(Self {
+            shape,
+            mode,
+            vocab,
+            residual,
+            layers,
+        })
+    }
+
+    fn derive_layer(
+        key: &SecretKey,
+        s: &LlamaShape,
+        mode: PermMode,
+        l: usize,
+    ) -> Result<LayerTransforms, CoreError> {
+        let hd = s.head_dim();
+        let group = s.group();
+        let ffn = block_structured(key, &format!("ffn/{l}"), s.d_ff, mode)?;
+
+        // Head movement: kv heads, and query heads inside each group.
+        let mut heads_rng = key.stream(&format!("heads/{l}"));
+        let (kv_perm, q_in_group): (Permutation, Vec<Permutation>) = match mode {
+            PermMode::Exact => (
+                Permutation::identity(s.n_kv_head),
+                vec![Permutation::identity(group); s.n_kv_head],
+            ),
+            PermMode::Full => {
+                let kv = Permutation::random(s.n_kv_head, &mut heads_rng);
+                let q = (0..s.n_kv_head)
+                    .map(|_| Permutation::random(group, &mut heads_rng))
+                    .collect();
+                (kv, q)
+            }
+        };
+        // New index of query head h = g*group + j.
+        let q_head_perm = Permutation::blocked(&kv_perm, &q_in_group);
+
+        // Within-head dims of V (and O's columns), one map per kv head.
+        let v_dims: Vec<Permutation> = (0..s.n_kv_head)
+            .map(|g| block_structured(key, &format!("vo/{l}/{g}"), hd, mode))
+            .collect::<Result<_, _>>()?;
+
+        // RoPE pair signs per kv head.
+        let mut sign_rng = key.stream(&format!("qk-signs/{l}"));
+        let pair_signs: Vec<Vec<bool>> = (0..s.n_kv_head)
+            .map(|_| {
+                (0..hd / 2)
+                    .map(|_| rand_core::RngCore::next_u32(&mut sign_rng) & 1 == 1)
+                    .collect()
+            })
+            .collect();
+
+        let identity_hd = Permutation::identity(hd);
+        let q_rows = Permutation::blocked(&q_head_perm, &vec![identity_hd.clone(); s.n_head]);
+        let k_rows = Permutation::blocked(&kv_perm, &vec![identity_hd; s.n_kv_head]);
+        let v_rows = Permutation::blocked(&kv_perm, &v_dims);
+        let o_inner: Vec<Permutation> = (0..s.n_head).map(|h| v_dims[h / group].clone()).collect();
+        let o_cols = Permutation::blocked(&q_head_perm, &o_inner);
+
+        let expand = |g: usize| -> Vec<bool> {
+            (0..hd).map(|j| pair_signs[g][j / 2]).collect::<Vec<_>>()
+        };
+        let q_negate = (0..s.n_head).flat_map(|h| expand(h / group)).collect();
+        let k_negate = (0..s.n_kv_head).flat_map(expand).collect();
+        Ok(LayerTransforms {
+            ffn,
+            q_rows,
+            k_rows,
+            v_rows,
+            o_cols,
+            q_negate,
+            k_negate,
+        })
+    }
+
+    /// The transform of the tensor called `name` in a GGUF `llama` model.
+    pub fn transform_for(&self, name: &str) -> Result<TensorTransform, CoreError> {
+        let res = || Some(self.residual.0.clone());
+        let unsupported = || CoreError::UnsupportedTensor(name.to_string());
+        let t = match name {
+            "token_embd.weight" | "output.weight" => TensorTransform {
+                rows: Some(self.vocab.0.clone()),
+                cols: res(),
+                negate_rows: None,
+            },
+            "output_norm.weight" => TensorTransform {
+                cols: res(),
+                ..Default::default()
+            },
+            "rope_freqs.weight" => TensorTransform::default(),
+            _ => {
+                let rest = name.strip_prefix("blk.").ok_or_else(unsupported)?;
+                let (layer, tensor) = rest.split_once('.').ok_or_else(unsupported)?;
+                let layer: usize = layer.parse().map_err(|_| unsupported())?;
+                let lt = self.layers.get(layer).ok_or_else(unsupported)?;
+                match tensor {
+                    "attn_norm.weight" | "ffn_norm.weight" => TensorTransform {
+                        cols: res(),
+                        ..Default::default()
+                    },
+                    "attn_q.weight" => TensorTransform {
+                        rows: Some(lt.q_rows.clone()),
+                        cols: res(),
+                        negate_rows: Some(lt.q_negate.clone()),
+                    },
+                    "attn_k.weight" => TensorTransform {
+                        rows: Some(lt.k_rows.clone()),
+                        cols: res(),
+                        negate_rows: Some(lt.k_negate.clone()),
+                    },
+                    "attn_v.weight" => TensorTransform {
+                        rows: Some(lt.v_rows.clone()),
+                        cols: res(),
+                        negate_rows: None,
+                    },
+                    "attn_output.weight" => TensorTransform {
+                        rows: res(),
+                        cols: Some(lt.o_cols.clone()),
+                        negate_rows: None,
+                    },
+                    "ffn_gate.weight" | "ffn_up.weight" => TensorTransform {
+                        rows: Some(lt.ffn.clone()),
+                        cols: res(),
+                        negate_rows: None,
+                    },
+                    "ffn_down.weight" => TensorTransform {
+                        rows: res(),
+                        cols: Some(lt.ffn.clone()),
+                        negate_rows: None,
+                    },
+                    _ => return Err(unsupported()),
+                }
+            }
+        };
+        Ok(t)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shape() -> LlamaShape {
+        LlamaShape {
+            n_layers: 2,
+            d_model: 128,
+            d_ff: 256,
+            n_head: 4,
+            n_kv_head: 2,
+            vocab: 100,
+        }
+    }
+
+    fn key(b: u8) -> SecretKey {
+        SecretKey::from_bytes([b; 32])
+    }
+
+    #[test]
+    fn exact_mode_stays_inside_blocks() {
+        let p = LlamaPlan::derive(&key(1), shape(), PermMode::Exact).unwrap();
+        assert!(p.residual.0.is_within_groups(QUANT_BLOCK));
+        assert!(!p.residual.0.is_identity());
+        for l in &p.layers {
+            assert!(l.ffn.is_within_groups(QUANT_BLOCK));
+            assert!(l.o_cols.is_within_groups(QUANT_BLOCK));
+            assert!(l.q_rows.is_identity() && l.k_rows.is_identity());
+        }
+    }
+
+    #[test]
+    fn full_mode_moves_blocks_but_preserves_them() {
+        let p = LlamaPlan::derive(&key(2), shape(), PermMode::Full).unwrap();
+        assert!(p.residual.0.is_group_preserving(QUANT_BLOCK));
+        assert!(p.layers.iter().all(|l| l.o_cols.is_group_preserving(QUANT_BLOCK)));
+    }
+
+    #[test]
+    fn gqa_groups_move_together_and_vo_match() {
+        let s = shape();
+        let hd = s.head_dim();
+        let p = LlamaPlan::derive(&key(3), s, PermMode::Full).unwrap();
+        for l in &p.layers {
+            for h in 0..s.n_head {
+                let g = h / s.group();
+                let new_q_head = l.q_rows.apply((h * hd) as u32) as usize / hd;
+                let new_kv = l.k_rows.apply((g * hd) as u32) as usize / hd;
+                assert_eq!(new_q_head / s.group(), new_kv, "query head left its kv group");
+                for j in 0..hd {
+                    // O column of (h, j) and V row of (g, j) land on the same within-head dim.
+                    let o = l.o_cols.apply((h * hd + j) as u32) as usize % hd;
+                    let v = l.v_rows.apply((g * hd + j) as u32) as usize % hd;
+                    assert_eq!(o, v);
+                    // Q and K share the sign of each RoPE pair.
+                    assert_eq!(l.q_negate[h * hd + j], l.k_negate[g * hd + j]);
+                    assert_eq!(l.q_negate[h * hd + j], l.q_negate[h * hd + (j ^ 1)]);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn derivation_is_deterministic_and_key_dependent() {
+        let a = LlamaPlan::derive(&key(4), shape(), PermMode::Exact).unwrap();
+        let b = LlamaPlan::derive(&key(4), shape(), PermMode::Exact).unwrap();
+        let c = LlamaPlan::derive(&key(5), shape(), PermMode::Exact).unwrap();
+        assert_eq!(a.vocab.0, b.vocab.0);
+        assert_eq!(a.residual.0, b.residual.0);
+        assert_ne!(a.vocab.0, c.vocab.0);
+    }
+
+    #[test]
+    fn unknown_tensors_and_bad_shapes_are_errors() {
+        let p = LlamaPlan::derive(&key(6), shape(), PermMode::Exact).unwrap();
+        assert!(p.transform_for("blk.0.attn_q.bias").is_err());
+        assert!(p.transform_for("blk.9.attn_q.weight").is_err());
+        assert!(p.transform_for("whatever").is_err());
+        let mut s = shape();
+        s.d_model = 100;
+        assert!(LlamaPlan::derive(&key(6), s, PermMode::Exact).is_err());
+    }
+
+    #[test]
+    fn vocab_ids_roundtrip_and_range_check() {
+        let v = VocabPermutation::derive(&key(7), 50);
+        for i in 0..50 {
+            assert_eq!(v.decrypt_id(v.encrypt_id(i).unwrap()).unwrap(), i);
+        }
+        assert!(v.encrypt_id(50).is_err());
+    }
+}
