@@ -142,9 +142,13 @@ mod tests {
     fn file_errors_name_the_problem() {
         let e = SecretKey::from_file_text("hello").unwrap_err().to_string();
         assert!(e.contains("not an equicrypt key file"), "{e}");
-        let e = SecretKey::from_file_text("equicrypt-key-v9\n00").unwrap_err().to_string();
+        let e = SecretKey::from_file_text("equicrypt-key-v9\n00")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("unsupported key file version"), "{e}");
-        let e = SecretKey::from_file_text("equicrypt-key-v1\nzz").unwrap_err().to_string();
+        let e = SecretKey::from_file_text("equicrypt-key-v1\nzz")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("64 hex digits"), "{e}");
         let bad = format!("equicrypt-key-v1\n{}\n", "g".repeat(64));
         let e = SecretKey::from_file_text(&bad).unwrap_err().to_string();
@@ -168,7 +172,11 @@ mod tests {
         let perm = crate::Permutation::random(12, &mut k.stream("vocab"));
         assert_eq!(perm.forward(), GOLDEN_VOCAB12);
         let mut r = k.stream("residual");
-        assert_ne!(r.next_u64(), GOLDEN_VOCAB_U64, "labels must separate streams");
+        assert_ne!(
+            r.next_u64(),
+            GOLDEN_VOCAB_U64,
+            "labels must separate streams"
+        );
     }
 
     const GOLDEN_FINGERPRINT: &str = "dbed5c34dc0f425c157bf7a12547171a";

@@ -251,12 +251,7 @@ impl LlamaPlan {
     pub fn derive(key: &SecretKey, shape: LlamaShape, mode: PermMode) -> Result<Self, CoreError> {
         shape.validate()?;
         let vocab = VocabPermutation::derive(key, shape.vocab);
-        let residual = ResidualPermutation(block_structured(
-            key,
-            "residual",
-            shape.d_model,
-            mode,
-        )?);
+        let residual = ResidualPermutation(block_structured(key, "residual", shape.d_model, mode)?);
         let layers = (0..shape.n_layers)
             .map(|l| Self::derive_layer(key, &shape, mode, l))
             .collect::<Result<_, _>>()?;
@@ -319,9 +314,8 @@ impl LlamaPlan {
         let o_inner: Vec<Permutation> = (0..s.n_head).map(|h| v_dims[h / group].clone()).collect();
         let o_cols = Permutation::blocked(&q_head_perm, &o_inner);
 
-        let expand = |g: usize| -> Vec<bool> {
-            (0..hd).map(|j| pair_signs[g][j / 2]).collect::<Vec<_>>()
-        };
+        let expand =
+            |g: usize| -> Vec<bool> { (0..hd).map(|j| pair_signs[g][j / 2]).collect::<Vec<_>>() };
         let q_negate = (0..s.n_head).flat_map(|h| expand(h / group)).collect();
         let k_negate = (0..s.n_kv_head).flat_map(expand).collect();
         Ok(LayerTransforms {
@@ -433,7 +427,10 @@ mod tests {
     fn full_mode_moves_blocks_but_preserves_them() {
         let p = LlamaPlan::derive(&key(2), shape(), PermMode::Full).unwrap();
         assert!(p.residual.0.is_group_preserving(QUANT_BLOCK));
-        assert!(p.layers.iter().all(|l| l.o_cols.is_group_preserving(QUANT_BLOCK)));
+        assert!(p
+            .layers
+            .iter()
+            .all(|l| l.o_cols.is_group_preserving(QUANT_BLOCK)));
     }
 
     #[test]
@@ -446,7 +443,11 @@ mod tests {
                 let g = h / s.group();
                 let new_q_head = l.q_rows.apply((h * hd) as u32) as usize / hd;
                 let new_kv = l.k_rows.apply((g * hd) as u32) as usize / hd;
-                assert_eq!(new_q_head / s.group(), new_kv, "query head left its kv group");
+                assert_eq!(
+                    new_q_head / s.group(),
+                    new_kv,
+                    "query head left its kv group"
+                );
                 for j in 0..hd {
                     // O column of (h, j) and V row of (g, j) land on the same within-head dim.
                     let o = l.o_cols.apply((h * hd + j) as u32) as usize % hd;

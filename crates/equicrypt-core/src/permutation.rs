@@ -109,7 +109,11 @@ impl Permutation {
 
     /// Permutes a slice: `out[π(i)] = x[i]`.
     pub fn permute<T: Clone>(&self, x: &[T]) -> Vec<T> {
-        assert_eq!(x.len(), self.len(), "length mismatch in Permutation::permute");
+        assert_eq!(
+            x.len(),
+            self.len(),
+            "length mismatch in Permutation::permute"
+        );
         let mut out = x.to_vec();
         for (i, v) in x.iter().enumerate() {
             out[self.forward[i] as usize] = v.clone();
@@ -119,8 +123,16 @@ impl Permutation {
 
     /// Composition `self ∘ first`: apply `first`, then `self`.
     pub fn after(&self, first: &Permutation) -> Self {
-        assert_eq!(self.len(), first.len(), "length mismatch in Permutation::after");
-        let forward = first.forward.iter().map(|&i| self.forward[i as usize]).collect();
+        assert_eq!(
+            self.len(),
+            first.len(),
+            "length mismatch in Permutation::after"
+        );
+        let forward = first
+            .forward
+            .iter()
+            .map(|&i| self.forward[i as usize])
+            .collect();
         Self::from_forward(forward).expect("composition of bijections")
     }
 

@@ -1,1 +1,95 @@
-//! placeholder
+//! equicrypt-model: model files. GGUF reading and streaming, atomic writing; lossless
+//! quantization-block-aware tensor transforms; the encrypt pipeline; synthetic models for tests.
+//!
+//! The equivariance rules are in `shared/design/ee-math.md`; the plans that say which transform
+//! each tensor gets live in `equicrypt-core`.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod encrypt;
+pub mod gguf;
+pub mod inspect;
+pub mod quant;
+pub mod synthetic;
+
+pub use encrypt::{
+    encrypt_gguf, is_encrypted, llama_shape, placeholder_token, EncryptOptions, EncryptReport,
+    EncryptedModelInfo,
+};
+pub use gguf::{GgufFile, GgufWriter, TensorEntry, TensorHeader};
+
+use std::path::Path;
+
+/// Errors of the model layer. Every message names the problem in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    /// Reading or writing a file failed.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file involved.
+        path: String,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The file is not a well-formed GGUF, or is truncated.
+    #[error("corrupt model file: {0}")]
+    Corrupt(String),
+    /// Required metadata is missing or has the wrong type.
+    #[error("model metadata: {0}")]
+    Metadata(String),
+    /// The model's architecture has no transform plan.
+    #[error("unsupported architecture '{0}' (supported: llama — SmolLM2, TinyLlama, Llama 2/3, Mistral)")]
+    UnsupportedArchitecture(String),
+    /// A tensor type that cannot be transformed losslessly.
+    #[error(
+        "unsupported tensor type {0}: supported are F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0"
+    )]
+    UnsupportedTensorType(String),
+    /// A column permutation would split quantization blocks.
+    #[error("column permutation of a {0} tensor must move whole 32-blocks")]
+    NotBlockAligned(String),
+    /// A transform does not match the tensor's shape.
+    #[error("shape mismatch: {0}")]
+    ShapeMismatch(String),
+    /// The output file exists already.
+    #[error("output file {0} already exists (refusing to overwrite)")]
+    OutputExists(String),
+    /// The input is already an encrypted model.
+    #[error("{0} is already an encrypted model")]
+    AlreadyEncrypted(String),
+    /// The file is not an encrypted model.
+    #[error("{0} is not an equicrypt-encrypted model (no key fingerprint in its metadata)")]
+    NotEncrypted(String),
+    /// The key does not match the model.
+    #[error("wrong key: the model was encrypted with key {model}, this key is {key}")]
+    WrongKey {
+        /// Fingerprint stored in the model.
+        model: String,
+        /// Fingerprint of the key given.
+        key: String,
+    },
+    /// An error from the core layer (plan derivation).
+    #[error(transparent)]
+    Core(#[from] equicrypt_core::CoreError),
+    /// A violated internal invariant.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ModelError {
+    pub(crate) fn io(path: &Path, source: std::io::Error) -> Self {
+        ModelError::Io {
+            path: path.display().to_string(),
+            source,
+        }
+    }
+
+    pub(crate) fn in_tensor(self, name: &str) -> Self {
+        match self {
+            ModelError::ShapeMismatch(m) => ModelError::ShapeMismatch(format!("{name}: {m}")),
+            ModelError::Corrupt(m) => ModelError::Corrupt(format!("{name}: {m}")),
+            other => other,
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! The encrypt pipeline for LLaMA-family GGUF models, and what an encrypted file declares about
+//! itself.
+//!
+//! The output is an ordinary GGUF that stock llama.cpp loads: the tokenizer is replaced by opaque
+//! placeholders indexed by ciphertext id (`tokenizer.ggml.model = "llama"`, zero scores, all
+//! tokens normal), and `bos_token_id` / `eos_token_id` hold *ciphertext* ids so the engine stops
+//! at the real end of generation. Storing them tells the server which ciphertext ids are BOS and
+//! EOS; nothing else about the vocabulary is stored (no token strings, merges or chat template).
+
+use std::path::Path;
+use std::time::Instant;
+
+use candle_core::quantized::gguf_file::Value;
+use equicrypt_core::{KeyFingerprint, LlamaPlan, LlamaShape, PermMode, SecretKey};
+
+use crate::gguf::{GgufFile, GgufWriter, TensorHeader};
+use crate::quant::transform_tensor;
+use crate::ModelError;
+
+/// Metadata key holding the format version of an encrypted model.
+pub const META_VERSION: &str = "equicrypt.format_version";
+/// Metadata key holding the key fingerprint.
+pub const META_FINGERPRINT: &str = "equicrypt.key_fingerprint";
+/// Metadata key holding the encryption mode.
+pub const META_MODE: &str = "equicrypt.mode";
+/// Current encrypted-model format version.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Placeholder text of ciphertext token `id` in an encrypted file.
+pub fn placeholder_token(id: usize) -> String {
+    format!("<ct{id}>")
+}
+
+/// Options of [`encrypt_gguf`].
+#[derive(Clone, Debug, Default)]
+pub struct EncryptOptions {
+    /// Key space to draw from.
+    pub mode: PermMode,
+    /// Show a progress bar on stderr.
+    pub progress: bool,
+    /// Replace an existing output file.
+    pub overwrite: bool,
+}
+
+/// What [`encrypt_gguf`] did.
+#[derive(Clone, Debug)]
+pub struct EncryptReport {
+    /// Number of tensors written.
+    pub tensors: usize,
+    /// Bytes of tensor data written.
+    pub bytes: u64,
+    /// Wall time in seconds.
+    pub seconds: f64,
+    /// Fingerprint of the key used.
+    pub fingerprint: KeyFingerprint,
+}
+
+/// Reads the LLaMA hyper-parameters the plan needs from a GGUF file.
+pub fn llama_shape(f: &GgufFile) -> Result<LlamaShape, ModelError> {
+    let arch = f.meta_str("general.architecture")?;
+    if arch != "llama" {
+        return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
+    }
+    let emb = f.tensor("token_embd.weight")?;
+    let (vocab, d_emb) = emb.rows_cols();
+    let shape = LlamaShape {
+        n_layers: f.meta_u64("llama.block_count")? as usize,
+        d_model: f.meta_u64("llama.embedding_length")? as usize,
+        d_ff: f.meta_u64("llama.feed_forward_length")? as usize,
+        n_head: f.meta_u64("llama.attention.head_count")? as usize,
+        n_kv_head: f.meta_u64("llama.attention.head_count_kv")? as usize,
+        vocab,
+    };
+    if d_emb != shape.d_model {
+        return Err(ModelError::Corrupt(format!(
+            "token_embd has {d_emb} columns but embedding_length is {}",
+            shape.d_model
+        )));
+    }
+    Ok(shape)
+}
+
+/// What an encrypted model file declares about itself.
+#[derive(Clone, Debug)]
+pub struct EncryptedModelInfo {
+    /// Fingerprint of the key that encrypted it.
+    pub fingerprint: KeyFingerprint,
+    /// Encryption mode.
+    pub mode: PermMode,
+}
+
+impl EncryptedModelInfo {
+    /// Reads the equicrypt metadata; errors if the file is not an encrypted model.
+    pub fn read(f: &GgufFile) -> Result<Self, ModelError> {
+        let fp = match f.meta(META_FINGERPRINT) {
+            Some(Value::String(s)) => s.clone(),
+            _ => return Err(ModelError::NotEncrypted(f.path().display().to_string())),
+        };
+        let mode = PermMode::parse(f.meta_str(META_MODE)?)?;
+        Ok(Self {
+            fingerprint: KeyFingerprint(fp),
+            mode,
+        })
+    }
+
+    /// Errors unless `key` is the key this model was encrypted with.
+    pub fn check_key(&self, key: &SecretKey) -> Result<(), ModelError> {
+        let have = key.fingerprint();
+        if have == self.fingerprint {
+            Ok(())
+        } else {
+            Err(ModelError::WrongKey {
+                model: self.fingerprint.0.clone(),
+                key: have.0,
+            })
+        }
+    }
+}
+
+/// Whether a GGUF file carries equicrypt metadata.
+pub fn is_encrypted(f: &GgufFile) -> bool {
+    f.meta(META_FINGERPRINT).is_some()
+}
+
+/// Metadata keys copied unchanged from the plaintext model.
+fn keep_key(k: &str) -> bool {
+    k.starts_with("llama.")
+        || matches!(
+            k,
+            "general.architecture"
+                | "general.alignment"
+                | "general.quantization_version"
+                | "general.file_type"
+        )
+}
+
+/// Builds the metadata of the encrypted file.
+fn encrypted_metadata(
+    plain: &GgufFile,
+    plan: &LlamaPlan,
+    key: &SecretKey,
+) -> Result<Vec<(String, Value)>, ModelError> {
+    let mut kept: Vec<(String, Value)> = plain
+        .content
+        .metadata
+        .iter()
+        .filter(|(k, _)| keep_key(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    kept.sort_by(|a, b| a.0.cmp(&b.0));
+    let mut meta = vec![(
+        "general.architecture".to_string(),
+        Value::String("llama".into()),
+    )];
+    meta.extend(
+        kept.into_iter()
+            .filter(|(k, _)| k != "general.architecture"),
+    );
+    let n = plan.shape.vocab;
+    let special = |key_name: &str| -> Result<Option<u32>, ModelError> {
+        match plain.meta(key_name) {
+            None => Ok(None),
+            Some(v) => {
+                let id = v
+                    .to_u32()
+                    .map_err(|_| ModelError::Metadata(format!("'{key_name}' is not a u32")))?;
+                Ok(Some(plan.vocab.encrypt_id(id)?))
+            }
+        }
+    };
+    let bos = special("tokenizer.ggml.bos_token_id")?;
+    let eos = special("tokenizer.ggml.eos_token_id")?;
+    meta.push((
+        "general.name".into(),
+        Value::String("equicrypt-encrypted".into()),
+    ));
+    meta.push(("tokenizer.ggml.model".into(), Value::String("llama".into())));
+    meta.push((
+        "tokenizer.ggml.tokens".into(),
+        Value::Array(
+            (0..n)
+                .map(|i| Value::String(placeholder_token(i)))
+                .collect(),
+        ),
+    ));
+    meta.push((
+        "tokenizer.ggml.scores".into(),
+        Value::Array(vec![Value::F32(0.0); n]),
+    ));
+    meta.push((
+        "tokenizer.ggml.token_type".into(),
+        Value::Array(vec![Value::I32(1); n]),
+    ));
+    meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
+    meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
+    if let Some(b) = bos {
+        meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+    }
+    if let Some(e) = eos {
+        meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    }
+    meta.push((META_VERSION.into(), Value::U32(FORMAT_VERSION)));
+    meta.push((META_MODE.into(), Value::String(plan.mode.as_str().into())));
+    meta.push((META_FINGERPRINT.into(), Value::String(key.fingerprint().0)));
+    Ok(meta)
+}
+
+/// Encrypts the LLaMA-family GGUF at `input` into `output` with `key`.
+///
+/// Streams tensor by tensor (peak memory ≈ twice the largest tensor) and writes atomically: on
+/// any error no output file is left behind.
+pub fn encrypt_gguf(
+    key: &SecretKey,
+    input: &Path,
+    output: &Path,
+    opts: &EncryptOptions,
+) -> Result<EncryptReport, ModelError> {
+    let start = Instant::now();
+    if output.exists() && !opts.overwrite {
+        return Err(ModelError::OutputExists(output.display().to_string()));
+    }
+    if let (Ok(a), Ok(b)) = (input.canonicalize(), output.canonicalize()) {
+        if a == b {
+            return Err(ModelError::OutputExists(output.display().to_string()));
+        }
+    }
+    let mut plain = GgufFile::open(input)?;
+    if is_encrypted(&plain) {
+        return Err(ModelError::AlreadyEncrypted(input.display().to_string()));
+    }
+    let shape = llama_shape(&plain)?;
+    let plan = LlamaPlan::derive(key, shape, opts.mode)?;
+
+    // Resolve every tensor's transform before writing anything.
+    let mut jobs = Vec::with_capacity(plain.tensors.len());
+    for t in &plain.tensors {
+        let tr = plan.transform_for(&t.name)?;
+        crate::quant::BlockFormat::of(t.dtype).map_err(|e| match e {
+            ModelError::UnsupportedTensorType(ty) => {
+                ModelError::UnsupportedTensorType(format!("{ty} (tensor '{}')", t.name))
+            }
+            other => other,
+        })?;
+        jobs.push((t.clone(), tr));
+    }
+    let headers = jobs
+        .iter()
+        .map(|(t, _)| TensorHeader {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            dims: t.dims.clone(),
+            size: t.size,
+        })
+        .collect();
+    let meta = encrypted_metadata(&plain, &plan, key)?;
+    let mut writer = GgufWriter::create(output, &meta, headers)?;
+
+    let total: u64 = jobs.iter().map(|(t, _)| t.size).sum();
+    let bar = if opts.progress {
+        let b = indicatif::ProgressBar::new(total);
+        b.set_style(
+            indicatif::ProgressStyle::with_template(
+                "encrypting {bar:40} {bytes}/{total_bytes} {msg}",
+            )
+            .expect("static template"),
+        );
+        b
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    for (t, tr) in &jobs {
+        bar.set_message(t.name.clone());
+        let data = plain.read_tensor(t)?;
+        let (rows, cols) = t.rows_cols();
+        let out = if tr.is_identity() {
+            data
+        } else {
+            transform_tensor(&data, t.dtype, rows, cols, tr).map_err(|e| e.in_tensor(&t.name))?
+        };
+        writer.write_tensor(&t.name, &out)?;
+        bar.inc(t.size);
+    }
+    writer.finish()?;
+    bar.finish_and_clear();
+    Ok(EncryptReport {
+        tensors: jobs.len(),
+        bytes: total,
+        seconds: start.elapsed().as_secs_f64(),
+        fingerprint: key.fingerprint(),
+    })
+}

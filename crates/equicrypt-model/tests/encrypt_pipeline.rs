@@ -1,0 +1,185 @@
+//! The encrypt pipeline on synthetic GGUF models: metadata, leak check, atomicity, bad input.
+
+use std::path::Path;
+
+use candle_core::quantized::GgmlDType;
+use equicrypt_core::{LlamaPlan, PermMode, SecretKey};
+use equicrypt_model::quant::transform_tensor;
+use equicrypt_model::{
+    encrypt_gguf, inspect::leak_check, llama_shape, synthetic::SyntheticLlama, EncryptOptions,
+    EncryptedModelInfo, GgufFile, ModelError,
+};
+
+fn q41_model(seed: u64) -> SyntheticLlama {
+    let mut m = SyntheticLlama::tiny_f32(seed);
+    m.matrix_dtype = GgmlDType::Q4_1;
+    m.embed_dtype = GgmlDType::Q8_0;
+    m
+}
+
+fn only_file_is(dir: &Path, names: &[&str]) {
+    let mut found: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    found.sort();
+    let mut want: Vec<String> = names.iter().map(|s| s.to_string()).collect();
+    want.sort();
+    assert_eq!(found, want, "unexpected files left in {}", dir.display());
+}
+
+#[test]
+fn encrypted_file_matches_plan_and_hides_vocabulary() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain_p, enc_p) = (dir.path().join("plain.gguf"), dir.path().join("enc.gguf"));
+    q41_model(1).write(&plain_p).unwrap();
+    let key = SecretKey::from_bytes([9; 32]);
+    let report = encrypt_gguf(&key, &plain_p, &enc_p, &EncryptOptions::default()).unwrap();
+    assert_eq!(report.fingerprint, key.fingerprint());
+
+    let mut plain = GgufFile::open(&plain_p).unwrap();
+    let mut enc = GgufFile::open(&enc_p).unwrap();
+    let info = EncryptedModelInfo::read(&enc).unwrap();
+    info.check_key(&key).unwrap();
+    assert_eq!(info.mode, PermMode::Exact);
+    assert!(leak_check(&enc).is_empty(), "{:?}", leak_check(&enc));
+
+    let plan = LlamaPlan::derive(&key, llama_shape(&plain).unwrap(), PermMode::Exact).unwrap();
+    let eos = enc
+        .meta("tokenizer.ggml.eos_token_id")
+        .unwrap()
+        .to_u32()
+        .unwrap();
+    assert_eq!(eos, plan.vocab.encrypt_id(2).unwrap());
+    assert_eq!(plain.tensors.len(), enc.tensors.len());
+    for t in plain.tensors.clone() {
+        let e = enc.tensor(&t.name).unwrap().clone();
+        assert_eq!((e.dtype, &e.dims), (t.dtype, &t.dims));
+        let (rows, cols) = t.rows_cols();
+        let want = transform_tensor(
+            &plain.read_tensor(&t).unwrap(),
+            t.dtype,
+            rows,
+            cols,
+            &plan.transform_for(&t.name).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(enc.read_tensor(&e).unwrap(), want, "{}", t.name);
+    }
+}
+
+#[test]
+fn wrong_key_is_detected() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain_p, enc_p) = (dir.path().join("p.gguf"), dir.path().join("e.gguf"));
+    q41_model(2).write(&plain_p).unwrap();
+    encrypt_gguf(
+        &SecretKey::from_bytes([1; 32]),
+        &plain_p,
+        &enc_p,
+        &Default::default(),
+    )
+    .unwrap();
+    let enc = GgufFile::open(&enc_p).unwrap();
+    let err = EncryptedModelInfo::read(&enc)
+        .unwrap()
+        .check_key(&SecretKey::from_bytes([2; 32]))
+        .unwrap_err();
+    assert!(matches!(err, ModelError::WrongKey { .. }), "{err}");
+    // A plaintext model is not an encrypted one.
+    let plain = GgufFile::open(&plain_p).unwrap();
+    assert!(matches!(
+        EncryptedModelInfo::read(&plain),
+        Err(ModelError::NotEncrypted(_))
+    ));
+}
+
+#[test]
+fn bad_inputs_leave_no_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = SecretKey::from_bytes([3; 32]);
+    let plain_p = dir.path().join("p.gguf");
+    q41_model(3).write(&plain_p).unwrap();
+    let bytes = std::fs::read(&plain_p).unwrap();
+
+    // Truncated file.
+    let trunc = dir.path().join("trunc.gguf");
+    std::fs::write(&trunc, &bytes[..bytes.len() - 100]).unwrap();
+    let out = dir.path().join("out.gguf");
+    let e = encrypt_gguf(&key, &trunc, &out, &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("truncated"), "{e}");
+
+    // Garbage.
+    let junk = dir.path().join("junk.gguf");
+    std::fs::write(&junk, b"this is not a model").unwrap();
+    let e = encrypt_gguf(&key, &junk, &out, &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("not a valid GGUF"), "{e}");
+
+    // Missing input.
+    let e = encrypt_gguf(
+        &key,
+        &dir.path().join("nope.gguf"),
+        &out,
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(e.to_string().contains("nope.gguf"), "{e}");
+
+    // Unwritable output directory.
+    let e = encrypt_gguf(
+        &key,
+        &plain_p,
+        &dir.path().join("no/such/dir/o.gguf"),
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ModelError::Io { .. }), "{e}");
+
+    // Unsupported tensor type (K-quant) is named.
+    let mut k = q41_model(4);
+    k.shape.d_model = 256;
+    k.shape.d_ff = 256;
+    k.matrix_dtype = GgmlDType::Q4K;
+    let kq = dir.path().join("kq.gguf");
+    k.write(&kq).unwrap();
+    let e = encrypt_gguf(&key, &kq, &out, &Default::default()).unwrap_err();
+    assert!(e.to_string().contains("Q4K"), "{e}");
+
+    only_file_is(
+        dir.path(),
+        &["p.gguf", "trunc.gguf", "junk.gguf", "kq.gguf"],
+    );
+
+    // Existing output is not overwritten; encrypting twice is refused.
+    encrypt_gguf(&key, &plain_p, &out, &Default::default()).unwrap();
+    let e = encrypt_gguf(&key, &plain_p, &out, &Default::default()).unwrap_err();
+    assert!(matches!(e, ModelError::OutputExists(_)), "{e}");
+    let e = encrypt_gguf(
+        &key,
+        &out,
+        &dir.path().join("twice.gguf"),
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(matches!(e, ModelError::AlreadyEncrypted(_)), "{e}");
+}
+
+#[test]
+fn encryption_is_deterministic() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("p.gguf");
+    q41_model(5).write(&p).unwrap();
+    let key = SecretKey::from_bytes([5; 32]);
+    for mode in [PermMode::Exact, PermMode::Full] {
+        let opts = EncryptOptions {
+            mode,
+            ..Default::default()
+        };
+        let (a, b) = (dir.path().join("a.gguf"), dir.path().join("b.gguf"));
+        encrypt_gguf(&key, &p, &a, &opts).unwrap();
+        encrypt_gguf(&key, &p, &b, &opts).unwrap();
+        assert_eq!(std::fs::read(&a).unwrap(), std::fs::read(&b).unwrap());
+        std::fs::remove_file(a).unwrap();
+        std::fs::remove_file(b).unwrap();
+    }
+}
