@@ -1,0 +1,749 @@
+//! A llama.cpp-exact tokenizer built from a plaintext GGUF file's `tokenizer.*` metadata.
+//!
+//! Pipeline (mirrors `llama_vocab::impl::tokenize` for `LLAMA_VOCAB_TYPE_BPE`):
+//!
+//! 1. **Special-token partition** — like llama.cpp's `tokenizer_st_partition`: special tokens
+//!    (control, unknown and user-defined types) are matched in the raw text, longest token text
+//!    first, each one splitting every remaining text fragment at all of its occurrences.
+//!    Control/unknown tokens are only matched when `parse_special` is true; user-defined tokens
+//!    are always matched (as in llama.cpp).
+//! 2. **Pre-tokenizer** per `tokenizer.ggml.pre`, expressed as `tokenizers` `Split` pre-tokenizers
+//!    (isolated matches, exactly like llama.cpp's `unicode_regex_split`), then the byte-level
+//!    mapping.
+//! 3. **Byte-level BPE** with the GGUF vocabulary and ranked merges (`tokenizers` BPE model).
+//!
+//! Invariants of a constructed [`GgufTokenizer`]: token texts are unique, every merge's parts and
+//! result are in the vocabulary, and every id `< vocab_size()` has a decoded piece.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use candle_core::quantized::gguf_file::{Content, Value};
+use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
+use tokenizers::models::bpe::{Vocab as BpeVocab, BPE};
+use tokenizers::pre_tokenizers::byte_level::ByteLevel;
+use tokenizers::pre_tokenizers::sequence::Sequence;
+use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
+use tokenizers::pre_tokenizers::PreTokenizerWrapper;
+use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
+
+use crate::{ClientError, Result};
+
+/// GGUF key naming the tokenizer family.
+pub(crate) const KEY_MODEL: &str = "tokenizer.ggml.model";
+/// GGUF key naming the pre-tokenizer.
+pub(crate) const KEY_PRE: &str = "tokenizer.ggml.pre";
+/// GGUF key with the token texts.
+pub(crate) const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
+/// GGUF key with the token types.
+pub(crate) const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
+/// GGUF key with the BPE merges.
+pub(crate) const KEY_MERGES: &str = "tokenizer.ggml.merges";
+pub(crate) const KEY_BOS: &str = "tokenizer.ggml.bos_token_id";
+pub(crate) const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+const KEY_EOT: &str = "tokenizer.ggml.eot_token_id";
+const KEY_EOM: &str = "tokenizer.ggml.eom_token_id";
+const KEY_FIM_PAD: &str = "tokenizer.ggml.fim_pad_token_id";
+const KEY_FIM_REP: &str = "tokenizer.ggml.fim_rep_token_id";
+const KEY_FIM_SEP: &str = "tokenizer.ggml.fim_sep_token_id";
+const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+
+/// llama.cpp's GPT-2 pre-tokenizer regex (`unicode_regex_split_custom_gpt2`) as a `Split`
+/// pattern. The trailing `\s+` alternative covers the lone whitespace character llama.cpp emits
+/// as an unmatched piece. Unassigned codepoints carry llama.cpp's non-zero `UNDEFINED` flag, so
+/// they group with punctuation exactly as `[^\s\p{L}\p{N}]` does (checked by fuzzing).
+const GPT2_PATTERN: &str =
+    r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
+
+/// Token texts llama.cpp auto-detects as end-of-turn (`special_eot_id`).
+const EOT_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|end_of_text|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "<end_of_utterance>",
+];
+/// Token texts llama.cpp auto-detects as end-of-message.
+const EOM_TEXTS: &[&str] = &["<|eom_id|>"];
+/// Token texts llama.cpp auto-detects as FIM pad / repo / file-separator tokens (all are EOG).
+const FIM_PAD_TEXTS: &[&str] = &["<|fim_pad|>", "<fim-pad>", "<fim_pad>", "<PAD>", "[PAD]"];
+const FIM_REP_TEXTS: &[&str] = &[
+    "<|fim_repo|>",
+    "<|repo_name|>",
+    "<fim-repo>",
+    "<REPO>",
+    "<reponame>",
+];
+const FIM_SEP_TEXTS: &[&str] = &["<|file_sep|>"];
+/// Token texts llama.cpp always treats as end-of-generation.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<|return|>",
+    "<|call|>",
+    "<|flush|>",
+    "<|calls|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "</s>",
+    "<|eom_id|>",
+    "<EOT>",
+    "_<EOT>",
+    "[EOT]",
+    "[EOS]",
+    "<|end_of_text|>",
+    "<end_of_utterance>",
+    "<eos>",
+    "<turn|>",
+    "<|tool_response>",
+];
+/// Tokens llama.cpp forces to the user-defined type (always rendered, always matched).
+const FORCED_USER_DEFINED: &[&str] = &["<|channel|>", "<|message|>", "<|start|>", "<|constrain|>"];
+
+/// The type of a token, as stored in `tokenizer.ggml.token_type`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TokenAttr {
+    /// Type 0 or an unknown type number: never produced by the BPE, decodes to nothing.
+    Undefined,
+    /// Type 1: an ordinary byte-level BPE token.
+    Normal,
+    /// Type 2: the unknown token (special; matched only with `parse_special`).
+    Unknown,
+    /// Type 3: a control token such as `<|im_start|>` (matched only with `parse_special`).
+    Control,
+    /// Type 4: a user-defined token (always matched in text, decodes to its literal text).
+    UserDefined,
+    /// Type 5: an unused slot; decodes to nothing.
+    Unused,
+    /// Type 6: a raw byte token (`<0xHH>`).
+    Byte,
+}
+
+impl TokenAttr {
+    /// Maps a GGUF token type number to its attribute (unknown numbers → `Undefined`).
+    pub fn from_gguf_type(t: i64) -> Self {
+        match t {
+            1 => Self::Normal,
+            2 => Self::Unknown,
+            3 => Self::Control,
+            4 => Self::UserDefined,
+            5 => Self::Unused,
+            6 => Self::Byte,
+            _ => Self::Undefined,
+        }
+    }
+
+    /// Whether llama.cpp's special-token partition considers this token at all.
+    fn is_special(self) -> bool {
+        matches!(self, Self::Unknown | Self::Control | Self::UserDefined)
+    }
+}
+
+/// The pre-tokenizer named by `tokenizer.ggml.pre`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum PreTokenizerKind {
+    /// `smollm` (and llama.cpp's aliases with the same regexes: `starcoder`, `refact`,
+    /// `command-r`, `codeshell`, `exaone`, `minerva-7b`): every `\p{N}` split off alone, then the
+    /// GPT-2 regex. Verified against llama.cpp by the golden test.
+    Smollm,
+    /// `gpt-2` (also accepted: `gpt2`, `phi-2`, `mpt`, `olmo`, `jais`): the GPT-2 regex only.
+    Gpt2,
+    /// `default` (also used by llama.cpp when the key is absent): llama.cpp's default chain
+    /// `[\p{P}$+<=>^~|]+`, GPT-2, `\p{N}+`, `[0-9][0-9][0-9]`.
+    Default,
+}
+
+impl PreTokenizerKind {
+    /// Parses a `tokenizer.ggml.pre` value.
+    pub fn from_gguf_name(name: &str) -> Result<Self> {
+        match name {
+            "smollm" | "starcoder" | "refact" | "command-r" | "codeshell" | "exaone"
+            | "minerva-7b" => Ok(Self::Smollm),
+            "gpt-2" | "gpt2" | "phi-2" | "mpt" | "olmo" | "jais" => Ok(Self::Gpt2),
+            "default" => Ok(Self::Default),
+            other => Err(ClientError::UnsupportedPreTokenizer(other.to_string())),
+        }
+    }
+
+    /// The regexes applied in order, each splitting every piece into matches and non-matches.
+    fn patterns(self) -> &'static [&'static str] {
+        match self {
+            Self::Smollm => &[r"\p{N}", GPT2_PATTERN],
+            Self::Gpt2 => &[GPT2_PATTERN],
+            Self::Default => &[
+                r"[\p{P}\$\+<=>\^~\|]+",
+                GPT2_PATTERN,
+                r"\p{N}+",
+                r"[0-9][0-9][0-9]",
+            ],
+        }
+    }
+}
+
+/// A byte-level BPE tokenizer reconstructed from GGUF metadata, matching llama.cpp.
+///
+/// Immutable after construction and cheap to share by reference (`Sync`).
+#[derive(Clone)]
+pub struct GgufTokenizer {
+    /// BPE + pre-tokenizer, *without* added tokens (special tokens are partitioned by us).
+    raw: Tokenizer,
+    pre: PreTokenizerKind,
+    texts: Vec<String>,
+    attrs: Vec<TokenAttr>,
+    /// Decoded bytes of every token (what llama.cpp's `token_to_piece(.., special=true)` gives).
+    pieces: Vec<Vec<u8>>,
+    /// Special token ids in partition order: longest text first, ties by id.
+    special_order: Vec<u32>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    eog: Vec<u32>,
+    add_bos: bool,
+}
+
+impl std::fmt::Debug for GgufTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GgufTokenizer")
+            .field("vocab_size", &self.texts.len())
+            .field("pre", &self.pre)
+            .field("bos", &self.bos)
+            .field("eos", &self.eos)
+            .field("eog", &self.eog)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Reads only the header and metadata of a GGUF file.
+pub(crate) fn read_gguf_content(path: &Path) -> Result<Content> {
+    let err = |reason: String| ClientError::GgufRead {
+        path: path.display().to_string(),
+        reason,
+    };
+    let file = std::fs::File::open(path).map_err(|e| err(e.to_string()))?;
+    let mut reader = std::io::BufReader::new(file);
+    Content::read(&mut reader).map_err(|e| err(e.to_string()))
+}
+
+pub(crate) fn get<'m>(md: &'m HashMap<String, Value>, key: &str) -> Result<&'m Value> {
+    md.get(key)
+        .ok_or_else(|| ClientError::MissingKey(key.to_string()))
+}
+
+fn bad(key: &str, reason: impl Into<String>) -> ClientError {
+    ClientError::BadMetadata {
+        key: key.to_string(),
+        reason: reason.into(),
+    }
+}
+
+pub(crate) fn get_str<'m>(md: &'m HashMap<String, Value>, key: &str) -> Result<&'m str> {
+    match get(md, key)? {
+        Value::String(s) => Ok(s),
+        v => Err(bad(
+            key,
+            format!("expected a string, found {:?}", v.value_type()),
+        )),
+    }
+}
+
+fn value_as_i64(v: &Value) -> Option<i64> {
+    Some(match v {
+        Value::U8(x) => i64::from(*x),
+        Value::I8(x) => i64::from(*x),
+        Value::U16(x) => i64::from(*x),
+        Value::I16(x) => i64::from(*x),
+        Value::U32(x) => i64::from(*x),
+        Value::I32(x) => i64::from(*x),
+        Value::U64(x) => i64::try_from(*x).ok()?,
+        Value::I64(x) => *x,
+        _ => return None,
+    })
+}
+
+fn opt_token_id(md: &HashMap<String, Value>, key: &str, vocab: usize) -> Result<Option<u32>> {
+    let Some(v) = md.get(key) else {
+        return Ok(None);
+    };
+    let id = value_as_i64(v).ok_or_else(|| bad(key, "expected an integer"))?;
+    // llama.cpp ignores (with a warning) ids outside the vocabulary; so do we.
+    Ok(u32::try_from(id).ok().filter(|&id| (id as usize) < vocab))
+}
+
+fn get_str_array<'m>(md: &'m HashMap<String, Value>, key: &str) -> Result<Vec<&'m str>> {
+    match get(md, key)? {
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, v)| match v {
+                Value::String(s) => Ok(s.as_str()),
+                _ => Err(bad(key, format!("element {i} is not a string"))),
+            })
+            .collect(),
+        _ => Err(bad(key, "expected an array of strings")),
+    }
+}
+
+/// The GPT-2 byte → char table (printable bytes map to themselves, others to U+0100...).
+fn byte_to_char_table() -> [char; 256] {
+    let mut table = ['\0'; 256];
+    let mut n = 0u32;
+    for b in 0..=255u8 {
+        let keep = matches!(b, 0x21..=0x7E | 0xA1..=0xAC | 0xAE..=0xFF);
+        table[b as usize] = if keep {
+            char::from(b)
+        } else {
+            let c = char::from_u32(256 + n).expect("valid codepoint");
+            n += 1;
+            c
+        };
+    }
+    table
+}
+
+/// Undoes the byte-level mapping of a token text; characters outside the table keep their UTF-8.
+fn byte_level_decode(text: &str, char_to_byte: &HashMap<char, u8>) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    for c in text.chars() {
+        match char_to_byte.get(&c) {
+            Some(&b) => out.push(b),
+            None => {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(c.encode_utf8(&mut buf).as_bytes());
+            }
+        }
+    }
+    out
+}
+
+/// Parses a `<0xHH>` byte-token text.
+fn parse_byte_token(text: &str) -> Option<u8> {
+    let hex = text.strip_prefix("<0x")?.strip_suffix('>')?;
+    if hex.len() != 2 {
+        return None;
+    }
+    u8::from_str_radix(hex, 16).ok()
+}
+
+/// A fragment of input text after special-token partitioning.
+enum Fragment<'t> {
+    Text(&'t str),
+    Token(u32),
+}
+
+impl GgufTokenizer {
+    /// Reads the GGUF header of `path` and builds the tokenizer from its metadata.
+    pub fn from_path(path: impl AsRef<Path>) -> Result<Self> {
+        let content = read_gguf_content(path.as_ref())?;
+        Self::from_content(&content)
+    }
+
+    /// Builds the tokenizer from an already-read GGUF header.
+    pub fn from_content(content: &Content) -> Result<Self> {
+        Self::from_metadata(&content.metadata)
+    }
+
+    /// Builds the tokenizer from GGUF metadata key/values.
+    ///
+    /// Requires `tokenizer.ggml.model` = `gpt2`, `tokenizer.ggml.tokens` and
+    /// `tokenizer.ggml.merges`; `tokenizer.ggml.pre` defaults to `default` (as in llama.cpp) and
+    /// `tokenizer.ggml.token_type` to all-normal.
+    pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self> {
+        let model = get_str(md, KEY_MODEL)?;
+        if model != "gpt2" {
+            return Err(ClientError::UnsupportedTokenizerModel(model.to_string()));
+        }
+        let pre = match md.get(KEY_PRE) {
+            None => PreTokenizerKind::Default,
+            Some(_) => PreTokenizerKind::from_gguf_name(get_str(md, KEY_PRE)?)?,
+        };
+
+        // Token texts (llama.cpp replaces empty texts by "[EMPTY_i]").
+        let texts: Vec<String> = get_str_array(md, KEY_TOKENS)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if t.is_empty() {
+                    format!("[EMPTY_{i}]")
+                } else {
+                    t.to_string()
+                }
+            })
+            .collect();
+        let n = texts.len();
+        if n == 0 {
+            return Err(bad(KEY_TOKENS, "the vocabulary is empty"));
+        }
+        if u32::try_from(n).is_err() {
+            return Err(bad(KEY_TOKENS, "more than u32::MAX tokens"));
+        }
+
+        let mut attrs = match md.get(KEY_TOKEN_TYPE) {
+            None => vec![TokenAttr::Normal; n],
+            Some(Value::Array(items)) => {
+                if items.len() < n {
+                    return Err(bad(
+                        KEY_TOKEN_TYPE,
+                        format!("{} types for {n} tokens", items.len()),
+                    ));
+                }
+                items[..n]
+                    .iter()
+                    .map(|v| {
+                        value_as_i64(v)
+                            .map(TokenAttr::from_gguf_type)
+                            .ok_or_else(|| bad(KEY_TOKEN_TYPE, "expected integers"))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            }
+            Some(_) => return Err(bad(KEY_TOKEN_TYPE, "expected an array")),
+        };
+
+        let mut vocab: HashMap<String, u32> = HashMap::with_capacity(n);
+        for (i, t) in texts.iter().enumerate() {
+            if vocab.insert(t.clone(), i as u32).is_some() {
+                return Err(bad(KEY_TOKENS, format!("duplicate token text {t:?}")));
+            }
+        }
+
+        let merges = get_str_array(md, KEY_MERGES)?
+            .into_iter()
+            .map(|m| {
+                // llama.cpp: split at the first space after the first byte.
+                let pos = m
+                    .bytes()
+                    .skip(1)
+                    .position(|b| b == b' ')
+                    .map(|p| p + 1)
+                    .ok_or_else(|| bad(KEY_MERGES, format!("merge {m:?} has no separator")))?;
+                Ok((m[..pos].to_string(), m[pos + 1..].to_string()))
+            })
+            .collect::<Result<Vec<_>>>()?;
+
+        // Special ids: explicit keys, then llama.cpp's text-based auto-detection.
+        let bos = opt_token_id(md, KEY_BOS, n)?;
+        let eos = opt_token_id(md, KEY_EOS, n)?;
+        let find_text = |list: &[&str]| {
+            texts
+                .iter()
+                .position(|t| list.contains(&t.as_str()))
+                .map(|i| i as u32)
+        };
+        let eot = opt_token_id(md, KEY_EOT, n)?.or_else(|| find_text(EOT_TEXTS));
+        let eom = opt_token_id(md, KEY_EOM, n)?.or_else(|| find_text(EOM_TEXTS));
+        let fim_pad = opt_token_id(md, KEY_FIM_PAD, n)?.or_else(|| find_text(FIM_PAD_TEXTS));
+        let fim_rep = opt_token_id(md, KEY_FIM_REP, n)?.or_else(|| find_text(FIM_REP_TEXTS));
+        let fim_sep = opt_token_id(md, KEY_FIM_SEP, n)?.or_else(|| find_text(FIM_SEP_TEXTS));
+
+        // llama.cpp promotes control-looking tokens to control type.
+        let promote: Vec<&[&str]> = vec![
+            EOT_TEXTS,
+            EOM_TEXTS,
+            FIM_PAD_TEXTS,
+            FIM_REP_TEXTS,
+            FIM_SEP_TEXTS,
+            EOG_TEXTS,
+        ];
+        for (i, t) in texts.iter().enumerate() {
+            if promote.iter().any(|l| l.contains(&t.as_str()))
+                && !matches!(attrs[i], TokenAttr::UserDefined | TokenAttr::Unknown)
+            {
+                attrs[i] = TokenAttr::Control;
+            }
+        }
+
+        let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
+        eog.extend(
+            texts
+                .iter()
+                .enumerate()
+                .filter(|(_, t)| EOG_TEXTS.contains(&t.as_str()))
+                .map(|(i, _)| i as u32),
+        );
+        eog.extend([eos, eot, eom].into_iter().flatten());
+        eog.sort_unstable();
+        eog.dedup();
+        let has = |eog: &[u32], s: &str| eog.iter().any(|&i| texts[i as usize] == s);
+        // llama.cpp workarounds: o200k_harmony / solar-open "<|end|>", gemma4 / paddleocr "</s>".
+        if (has(&eog, "<|return|>") && has(&eog, "<|call|>") && has(&eog, "<|end|>"))
+            || (has(&eog, "<|calls|>") && has(&eog, "<|flush|>") && has(&eog, "<|end|>"))
+        {
+            eog.retain(|&i| {
+                if texts[i as usize] == "<|end|>" {
+                    attrs[i as usize] = TokenAttr::UserDefined;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        if has(&eog, "<|tool_response>") && has(&eog, "</s>") {
+            eog.retain(|&i| {
+                if texts[i as usize] == "</s>" {
+                    attrs[i as usize] = TokenAttr::Normal;
+                    false
+                } else {
+                    true
+                }
+            });
+        }
+        for (i, t) in texts.iter().enumerate() {
+            if FORCED_USER_DEFINED.contains(&t.as_str()) {
+                attrs[i] = TokenAttr::UserDefined;
+            }
+        }
+
+        let mut special_order: Vec<u32> = (0..n as u32)
+            .filter(|&i| attrs[i as usize].is_special())
+            .collect();
+        special_order.sort_by_key(|&i| std::cmp::Reverse(texts[i as usize].len()));
+
+        let table = byte_to_char_table();
+        let char_to_byte: HashMap<char, u8> = table
+            .iter()
+            .enumerate()
+            .map(|(b, &c)| (c, b as u8))
+            .collect();
+        let pieces = texts
+            .iter()
+            .zip(&attrs)
+            .map(|(t, a)| match a {
+                TokenAttr::Normal => byte_level_decode(t, &char_to_byte),
+                TokenAttr::Control | TokenAttr::Unknown | TokenAttr::UserDefined => {
+                    t.as_bytes().to_vec()
+                }
+                TokenAttr::Byte => parse_byte_token(t)
+                    .map(|b| vec![b])
+                    .unwrap_or_else(|| byte_level_decode(t, &char_to_byte)),
+                TokenAttr::Unused | TokenAttr::Undefined => Vec::new(),
+            })
+            .collect();
+
+        let bpe = BPE::builder()
+            .vocab_and_merges(vocab.into_iter().collect::<BpeVocab>(), merges)
+            .build()
+            .map_err(|e| ClientError::Tokenizer(format!("building BPE model: {e}")))?;
+        let mut steps = Vec::new();
+        for pat in pre.patterns() {
+            let split = Split::new(
+                SplitPattern::Regex((*pat).to_string()),
+                SplitDelimiterBehavior::Isolated,
+                false,
+            )
+            .map_err(|e| ClientError::Tokenizer(format!("pre-tokenizer regex {pat:?}: {e}")))?;
+            steps.push(PreTokenizerWrapper::Split(split));
+        }
+        steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+            false, false, false,
+        )));
+        let mut raw = Tokenizer::new(bpe);
+        raw.with_pre_tokenizer(Some(Sequence::new(steps)));
+        raw.with_decoder(Some(ByteLevelDecoder::default()));
+
+        let add_bos = matches!(md.get(KEY_ADD_BOS), Some(Value::Bool(true)));
+
+        Ok(Self {
+            raw,
+            pre,
+            texts,
+            attrs,
+            pieces,
+            special_order,
+            bos,
+            eos,
+            eog,
+            add_bos,
+        })
+    }
+
+    /// Number of tokens; valid ids are `0..vocab_size()`.
+    pub fn vocab_size(&self) -> usize {
+        self.texts.len()
+    }
+
+    /// The pre-tokenizer in use.
+    pub fn pre_tokenizer(&self) -> PreTokenizerKind {
+        self.pre
+    }
+
+    /// `tokenizer.ggml.bos_token_id`, if present and in range.
+    pub fn bos_id(&self) -> Option<u32> {
+        self.bos
+    }
+
+    /// `tokenizer.ggml.eos_token_id`, if present and in range.
+    pub fn eos_id(&self) -> Option<u32> {
+        self.eos
+    }
+
+    /// `tokenizer.ggml.add_bos_token` (false when absent). [`encode`](Self::encode) never adds a
+    /// BOS itself; callers prepend [`bos_id`](Self::bos_id) when this is true.
+    pub fn add_bos_token(&self) -> bool {
+        self.add_bos
+    }
+
+    /// The ids llama.cpp treats as end-of-generation (`llama_vocab_is_eog`), sorted ascending:
+    /// EOS, EOT, EOM, the FIM pad/repo/separator tokens and tokens such as `<|im_end|>` and
+    /// `<|endoftext|>`. Where llama.cpp picks among several candidate texts by hash-map order,
+    /// this picks the lowest id.
+    pub fn eog_ids(&self) -> &[u32] {
+        &self.eog
+    }
+
+    /// Whether `id` ends generation (see [`eog_ids`](Self::eog_ids)).
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.binary_search(&id).is_ok()
+    }
+
+    /// The token's text as stored in the GGUF (byte-level encoded for normal tokens).
+    pub fn token_text(&self, id: u32) -> Option<&str> {
+        self.texts.get(id as usize).map(String::as_str)
+    }
+
+    /// The token's type.
+    pub fn token_attr(&self, id: u32) -> Option<TokenAttr> {
+        self.attrs.get(id as usize).copied()
+    }
+
+    /// Looks up a token by its exact stored text.
+    pub fn token_id(&self, text: &str) -> Option<u32> {
+        self.raw.token_to_id(text)
+    }
+
+    /// Raw bytes of one token (byte-level mapping undone; control, unknown and user-defined
+    /// tokens give their literal text; unused/undefined tokens give nothing). A single token may
+    /// hold an incomplete UTF-8 sequence.
+    pub fn token_bytes(&self, id: u32) -> Result<&[u8]> {
+        self.pieces
+            .get(id as usize)
+            .map(Vec::as_slice)
+            .ok_or(ClientError::TokenOutOfRange {
+                id,
+                vocab: self.vocab_size(),
+            })
+    }
+
+    /// Whether the token is a control or unknown token (what llama.cpp hides when detokenizing
+    /// with `special = false`).
+    pub fn is_control(&self, id: u32) -> bool {
+        matches!(
+            self.token_attr(id),
+            Some(TokenAttr::Control | TokenAttr::Unknown)
+        )
+    }
+
+    /// Tokenizes `text` exactly like llama.cpp's `llama_tokenize(text, add_special = false,
+    /// parse_special)`.
+    pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
+        let mut out = Vec::new();
+        for frag in self.partition(text, parse_special) {
+            match frag {
+                Fragment::Token(id) => out.push(id),
+                Fragment::Text(s) => {
+                    let enc = self
+                        .raw
+                        .encode_fast(s, false)
+                        .map_err(|e| ClientError::Tokenizer(e.to_string()))?;
+                    out.extend_from_slice(enc.get_ids());
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Concatenated raw bytes of `ids` (see [`token_bytes`](Self::token_bytes)).
+    pub fn decode_bytes(&self, ids: &[u32]) -> Result<Vec<u8>> {
+        let mut out = Vec::new();
+        for &id in ids {
+            out.extend_from_slice(self.token_bytes(id)?);
+        }
+        Ok(out)
+    }
+
+    /// Detokenizes `ids` (special tokens rendered as their text), replacing invalid UTF-8 with
+    /// U+FFFD. For every string `s`, `decode(encode(s, _)) == s`.
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        Ok(String::from_utf8_lossy(&self.decode_bytes(ids)?).into_owned())
+    }
+
+    /// Like [`decode`](Self::decode), but control/unknown tokens are dropped when
+    /// `render_special` is false (llama.cpp's `special = false`). No space clean-up is applied.
+    pub fn decode_with(&self, ids: &[u32], render_special: bool) -> Result<String> {
+        let mut out = Vec::new();
+        for &id in ids {
+            let bytes = self.token_bytes(id)?;
+            if render_special || !self.is_control(id) {
+                out.extend_from_slice(bytes);
+            }
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
+    }
+
+    /// The BPE + pre-tokenizer pipeline without special-token handling.
+    pub fn raw_tokenizer(&self) -> &Tokenizer {
+        &self.raw
+    }
+
+    /// A standalone `tokenizers::Tokenizer` with the special tokens registered as added tokens
+    /// (control/unknown as special). Its matching of overlapping special tokens is
+    /// leftmost-longest (HF) rather than llama.cpp's longest-first; [`encode`](Self::encode) is
+    /// the reference.
+    pub fn hf_tokenizer(&self) -> Tokenizer {
+        let mut tok = self.raw.clone();
+        let added: Vec<AddedToken> = self
+            .special_order
+            .iter()
+            .map(|&id| {
+                let special = self.attrs[id as usize] != TokenAttr::UserDefined;
+                AddedToken::from(self.texts[id as usize].clone(), special)
+            })
+            .collect();
+        tok.add_special_tokens(&added);
+        tok
+    }
+
+    /// llama.cpp's `tokenizer_st_partition` (without per-model lstrip/rstrip attributes).
+    fn partition<'t>(&self, text: &'t str, parse_special: bool) -> Vec<Fragment<'t>> {
+        let mut frags = vec![Fragment::Text(text)];
+        if text.is_empty() {
+            return Vec::new();
+        }
+        for &id in &self.special_order {
+            let attr = self.attrs[id as usize];
+            if !parse_special && attr != TokenAttr::UserDefined {
+                continue;
+            }
+            let pat = self.texts[id as usize].as_str();
+            if !frags
+                .iter()
+                .any(|f| matches!(f, Fragment::Text(s) if s.contains(pat)))
+            {
+                continue;
+            }
+            let mut next = Vec::with_capacity(frags.len() + 2);
+            for frag in frags {
+                match frag {
+                    Fragment::Text(mut s) => {
+                        while let Some(pos) = s.find(pat) {
+                            if pos > 0 {
+                                next.push(Fragment::Text(&s[..pos]));
+                            }
+                            next.push(Fragment::Token(id));
+                            s = &s[pos + pat.len()..];
+                        }
+                        if !s.is_empty() {
+                            next.push(Fragment::Text(s));
+                        }
+                    }
+                    tok => next.push(tok),
+                }
+            }
+            frags = next;
+        }
+        frags
+    }
+}
