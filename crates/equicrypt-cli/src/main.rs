@@ -154,8 +154,20 @@ impl SamplingArgs {
 fn main() {
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
-        // One line naming the problem, with its causes.
-        eprintln!("error: {e:#}");
+        // One line naming the problem, with its causes. Some dependency errors append a
+        // backtrace on later lines (when RUST_BACKTRACE is set): keep each cause's first line.
+        let causes: Vec<String> = e
+            .chain()
+            .map(|c| {
+                c.to_string()
+                    .lines()
+                    .next()
+                    .unwrap_or("")
+                    .trim()
+                    .to_string()
+            })
+            .collect();
+        eprintln!("error: {}", causes.join(": "));
         std::process::exit(1);
     }
 }
@@ -255,8 +267,8 @@ fn inspect_cmd(file: &Path, json: bool) -> Result<()> {
 
 fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let key = keyfile::read(&a.key)?;
-    let client = ClientSide::load(&a.tokenizer, &key)?;
     let mut engine = load_encrypted(&a.model, &key)?;
+    let client = ClientSide::load(&a.tokenizer, &key)?;
     let text = client.prompt_text(&a.prompt, a.raw)?;
     let cipher_prompt = client.cipher.encrypt_prompt(&text, true)?;
     if a.show_ciphertext {

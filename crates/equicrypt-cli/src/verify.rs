@@ -10,7 +10,7 @@ use std::path::PathBuf;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use equicrypt_engine::{generate, Engine, SamplingParams};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::keyfile;
 use crate::session::{load_encrypted, load_plain, ClientSide};
@@ -44,10 +44,13 @@ pub struct VerifyArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Which engine runs both models: `equicrypt` (ours, candle) or `llamacpp` (llama-cpp-python).
+    #[arg(long, default_value = "equicrypt")]
+    engine: String,
 }
 
 /// Logit-level comparison over a text.
-#[derive(Debug, Default, Serialize, Clone)]
+#[derive(Debug, Default, Serialize, Deserialize, Clone)]
 pub struct LogitReport {
     /// Positions compared.
     pub tokens: usize,
@@ -140,7 +143,7 @@ impl LogitComparer {
 }
 
 /// Greedy generation comparison.
-#[derive(Debug, Serialize, Clone)]
+#[derive(Debug, Serialize, Deserialize, Clone)]
 pub struct GenerationReport {
     /// Prompts run.
     pub prompts: usize,
@@ -153,11 +156,12 @@ pub struct GenerationReport {
 }
 
 /// The whole `verify` report.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct VerifyReport {
     /// Engine that produced it.
     pub engine: String,
     /// Encryption mode of the model.
+    #[serde(default)]
     pub mode: String,
     /// Logit comparison.
     pub logits: LogitReport,
@@ -176,8 +180,6 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
             .as_str()
             .to_string()
     };
-    let mut enc = load_encrypted(&a.encrypted, &key)?;
-    let mut plain = load_plain(&a.plain)?;
     let text = match &a.text {
         Some(p) => {
             std::fs::read_to_string(p).with_context(|| format!("cannot read {}", p.display()))?
@@ -200,6 +202,104 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("the evaluation text is too short ({} tokens)", ids.len());
     }
+    let report = match a.engine.as_str() {
+        "equicrypt" => run_ours(a, &key, &client, &ids, &prompts, mode)?,
+        "llamacpp" => run_llamacpp(a, &client, &ids, &prompts, mode)?,
+        other => bail!("unknown engine '{other}' (expected equicrypt or llamacpp)"),
+    };
+    print_report(&report);
+    if let Some(p) = &a.json {
+        std::fs::write(p, serde_json::to_string_pretty(&report)?)
+            .with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Chat-templated plaintext ids of every prompt.
+fn prompt_ids(client: &ClientSide, prompts: &[&str]) -> Result<Vec<Vec<u32>>> {
+    prompts
+        .iter()
+        .map(|p| {
+            let text = client.prompt_text(p, false)?;
+            Ok(client.cipher.tokenizer().encode(&text, true)?)
+        })
+        .collect()
+}
+
+/// Runs both models in llama.cpp through `scripts/llamacpp_eval.py`. The job file holds the
+/// vocabulary permutation (secret), so it is created 0600 in a private temporary directory that is
+/// removed afterwards.
+fn run_llamacpp(
+    a: &VerifyArgs,
+    client: &ClientSide,
+    ids: &[u32],
+    prompts: &[&str],
+    mode: String,
+) -> Result<VerifyReport> {
+    let perm = client.cipher.permutation();
+    let prompts: Vec<serde_json::Value> = prompt_ids(client, prompts)?
+        .into_iter()
+        .map(|p| {
+            let c = client.cipher.encrypt_ids(&p)?;
+            Ok(serde_json::json!({"ids": p, "cipher_ids": c}))
+        })
+        .collect::<Result<_>>()?;
+    let job = serde_json::json!({
+        "ids": ids,
+        "cipher_ids": client.cipher.encrypt_ids(ids)?,
+        "perm": perm.0.forward(),
+        "prompts": prompts,
+        "gen_tokens": a.gen_tokens,
+        "stop_plain": client.cipher.tokenizer().eog_ids(),
+        "stop_cipher": client.cipher.eog_cipher_ids()?,
+        "threads": std::env::var("RAYON_NUM_THREADS").ok().and_then(|t| t.parse::<usize>().ok()).unwrap_or(2),
+    });
+    let dir = tempfile::tempdir().context("cannot create a temporary directory")?;
+    let job_path = dir.path().join("job.json");
+    {
+        let mut o = std::fs::OpenOptions::new();
+        o.write(true).create_new(true);
+        #[cfg(unix)]
+        std::os::unix::fs::OpenOptionsExt::mode(&mut o, 0o600);
+        let mut f = o.open(&job_path).context("cannot create the job file")?;
+        std::io::Write::write_all(&mut f, serde_json::to_string(&job)?.as_bytes())?;
+    }
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/llamacpp_eval.py"
+    );
+    eprintln!("running both models in llama.cpp…");
+    let out = std::process::Command::new("python3")
+        .arg(script)
+        .arg("--plain")
+        .arg(&a.plain)
+        .arg("--encrypted")
+        .arg(&a.encrypted)
+        .arg("--job")
+        .arg(&job_path)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .context("cannot run python3 scripts/llamacpp_eval.py")?;
+    if !out.status.success() {
+        bail!("llama.cpp evaluation failed ({})", out.status);
+    }
+    let mut r: VerifyReport =
+        serde_json::from_slice(&out.stdout).context("llama.cpp evaluation printed no report")?;
+    r.mode = mode;
+    Ok(r)
+}
+
+fn run_ours(
+    a: &VerifyArgs,
+    key: &equicrypt_core::SecretKey,
+    client: &ClientSide,
+    ids: &[u32],
+    prompts: &[&str],
+    mode: String,
+) -> Result<VerifyReport> {
+    let mut enc = load_encrypted(&a.encrypted, key)?;
+    let mut plain = load_plain(&a.plain)?;
+    let tok = client.cipher.tokenizer();
     let n = ids.len().min(plain.context_length());
     let ids = &ids[..n];
     let cipher = client.cipher.encrypt_ids(ids)?;
@@ -228,9 +328,7 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     let stop_plain = tok.eog_ids().to_vec();
     let stop_enc = client.cipher.eog_cipher_ids()?;
     let greedy = SamplingParams::greedy();
-    for (k, p) in prompts.iter().enumerate() {
-        let text = client.prompt_text(p, false)?;
-        let pids = tok.encode(&text, true)?;
+    for (k, pids) in prompt_ids(client, prompts)?.into_iter().enumerate() {
         plain.reset();
         let g_plain = generate(
             &mut plain,
@@ -258,7 +356,7 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
             sample_answer = tok.decode(&g_plain.tokens)?;
         }
     }
-    let report = VerifyReport {
+    Ok(VerifyReport {
         engine: "equicrypt (candle)".into(),
         mode,
         logits,
@@ -272,13 +370,7 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
             },
             sample_answer,
         },
-    };
-    print_report(&report);
-    if let Some(p) = &a.json {
-        std::fs::write(p, serde_json::to_string_pretty(&report)?)
-            .with_context(|| format!("cannot write {}", p.display()))?;
-    }
-    Ok(())
+    })
 }
 
 fn print_report(r: &VerifyReport) {

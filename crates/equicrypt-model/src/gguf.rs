@@ -57,7 +57,12 @@ impl GgufFile {
         let mut file = File::open(path).map_err(|e| ModelError::io(path, e))?;
         let len = file.metadata().map_err(|e| ModelError::io(path, e))?.len();
         let content = Content::read(&mut file).map_err(|e| {
-            ModelError::Corrupt(format!("{}: not a valid GGUF file ({e})", path.display()))
+            let reason = e.to_string();
+            let reason = reason.lines().next().unwrap_or("").trim().to_string();
+            ModelError::Corrupt(format!(
+                "{}: not a valid GGUF file ({reason})",
+                path.display()
+            ))
         })?;
         let mut tensors = Vec::with_capacity(content.tensor_infos.len());
         for (name, info) in &content.tensor_infos {

@@ -136,6 +136,8 @@ impl SyntheticLlama {
                         .collect(),
                 ),
             ),
+            ("tokenizer.ggml.merges".into(), Value::Array(Vec::new())),
+            ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
             ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
         ]
