@@ -6,12 +6,14 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var("EQUICRYPT_SMOLLM2").map(PathBuf::from).unwrap_or_else(|_| {
-        PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-        ))
-    });
+    let p = std::env::var("EQUICRYPT_SMOLLM2")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+            ))
+        });
     if p.exists() {
         return Some(p);
     }
@@ -20,7 +22,10 @@ fn smollm2() -> Option<PathBuf> {
         "{} is missing and EQUICRYPT_REQUIRE_MODELS=1",
         p.display()
     );
-    println!("SKIP: {} not found (run `equicrypt fetch-model smollm2`)", p.display());
+    println!(
+        "SKIP: {} not found (run `equicrypt fetch-model smollm2`)",
+        p.display()
+    );
     None
 }
 
@@ -53,13 +58,20 @@ fn smollm2_encrypts_cleanly_and_is_bit_exact_in_our_engine() {
     ]);
     let shown = run(&[&os("inspect"), enc.as_os_str()]);
     assert!(shown.contains("leak check:    clean"), "{shown}");
-    assert!(!shown.contains("HuggingFaceTB") && !shown.contains("im_start"), "{shown}");
+    assert!(
+        !shown.contains("HuggingFaceTB") && !shown.contains("im_start"),
+        "{shown}"
+    );
 
     let text = d.path().join("text.txt");
     let eval = include_str!("../data/eval.txt");
     std::fs::write(&text, &eval[..1200]).unwrap();
     let prompts = d.path().join("prompts.txt");
-    std::fs::write(&prompts, "What is the capital of France?\nWhat is 17 times 23?\nWrite a haiku about the ocean.\n").unwrap();
+    std::fs::write(
+        &prompts,
+        "What is the capital of France?\nWhat is 17 times 23?\nWrite a haiku about the ocean.\n",
+    )
+    .unwrap();
     let json = d.path().join("v.json");
     run(&[
         &os("verify"),
@@ -78,7 +90,8 @@ fn smollm2_encrypts_cleanly_and_is_bit_exact_in_our_engine() {
         &os("--json"),
         json.as_os_str(),
     ]);
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
     let l = &v["logits"];
     let tokens = l["tokens"].as_u64().unwrap();
     assert!(tokens > 200, "{v}");
@@ -87,5 +100,12 @@ fn smollm2_encrypts_cleanly_and_is_bit_exact_in_our_engine() {
     assert_eq!(v["generation"]["identical"].as_u64().unwrap(), 3, "{v}");
     let ppl = l["perplexity_plain"].as_f64().unwrap();
     assert!(ppl > 2.0 && ppl < 100.0, "implausible perplexity {ppl}");
-    assert!(!v["generation"]["sample_answer"].as_str().unwrap().trim().is_empty(), "{v}");
+    assert!(
+        !v["generation"]["sample_answer"]
+            .as_str()
+            .unwrap()
+            .trim()
+            .is_empty(),
+        "{v}"
+    );
 }

@@ -56,13 +56,13 @@ impl LlamaShape {
         if self.n_head == 0 || self.n_kv_head == 0 || self.n_layers == 0 || self.vocab == 0 {
             return bad("zero-sized model".into());
         }
-        if self.d_model % self.n_head != 0 {
+        if !self.d_model.is_multiple_of(self.n_head) {
             return bad(format!(
                 "d_model {} is not a multiple of n_head {}",
                 self.d_model, self.n_head
             ));
         }
-        if self.n_head % self.n_kv_head != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
                 "n_head {} is not a multiple of n_kv_head {}",
                 self.n_head, self.n_kv_head
@@ -229,7 +229,7 @@ fn block_structured(
     n: usize,
     mode: PermMode,
 ) -> Result<Permutation, CoreError> {
-    if n % QUANT_BLOCK != 0 {
+    if !n.is_multiple_of(QUANT_BLOCK) {
         return Err(CoreError::UnsupportedShape(format!(
             "{label}: size {n} is not a multiple of {QUANT_BLOCK}"
         )));

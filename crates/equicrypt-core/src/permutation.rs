@@ -155,7 +155,7 @@ impl Permutation {
     /// (so a 32-value quantization block keeps its members and its place).
     pub fn is_within_groups(&self, size: usize) -> bool {
         size > 0
-            && self.len() % size == 0
+            && self.len().is_multiple_of(size)
             && self
                 .forward
                 .iter()
@@ -166,7 +166,7 @@ impl Permutation {
     /// Whether `π` maps every aligned group of `size` elements onto some aligned group
     /// (whole blocks move, possibly shuffled inside).
     pub fn is_group_preserving(&self, size: usize) -> bool {
-        if size == 0 || self.len() % size != 0 {
+        if size == 0 || !self.len().is_multiple_of(size) {
             return false;
         }
         self.forward.chunks(size).all(|chunk| {

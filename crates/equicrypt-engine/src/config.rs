@@ -174,13 +174,13 @@ impl LlamaConfig {
                 self.n_head, self.d_model, self.head_dim
             ));
         }
-        if self.n_head % self.n_kv_head != 0 {
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
                 "n_head {} is not a multiple of n_kv_head {}",
                 self.n_head, self.n_kv_head
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
         }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {

@@ -12,7 +12,11 @@ const LLAMA_CPP_GREEDY: [u32; 8] = [7042, 30, 198, 198, 504, 1797, 1918, 553];
 #[test]
 fn smollm2_greedy_matches_llama_cpp() {
     let path = std::env::var("EQUICRYPT_SMOLLM2").unwrap_or_else(|_| {
-        concat!(env!("CARGO_MANIFEST_DIR"), "/../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").into()
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+        )
+        .into()
     });
     if !std::path::Path::new(&path).exists() {
         assert!(

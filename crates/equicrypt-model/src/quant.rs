@@ -165,7 +165,7 @@ pub fn transform_tensor(
     t: &TensorTransform,
 ) -> Result<Vec<u8>, ModelError> {
     let fmt = BlockFormat::of(dtype)?;
-    if cols % fmt.block_elems() != 0 {
+    if !cols.is_multiple_of(fmt.block_elems()) {
         return Err(ModelError::Corrupt(format!(
             "row of {cols} values is not a whole number of {dtype:?} blocks"
         )));
@@ -325,7 +325,7 @@ mod tests {
             .map(|_| Permutation::random(QK, &mut rng))
             .collect();
         let negate = (0..rows)
-            .map(|r| (r * 7 + seed as usize) % 3 == 0)
+            .map(|r| (r * 7 + seed as usize).is_multiple_of(3))
             .collect();
         TensorTransform {
             rows: Some(Permutation::random(rows, &mut rng)),
