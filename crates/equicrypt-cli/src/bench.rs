@@ -73,6 +73,45 @@ fn decode_rate(m: &mut LlamaModel, prompt: &[u32], n: usize) -> Result<f64> {
     Ok(n as f64 / t.elapsed().as_secs_f64())
 }
 
+/// Runs [`decode_rate`] in a child process (`equicrypt bench-decode`) and returns its tok/s.
+fn decode_rate_in_child(model: &std::path::Path, prompt: &[u32], n: usize) -> Result<f64> {
+    let ids: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let out = Command::new(std::env::current_exe().context("cannot find the equicrypt binary")?)
+        .arg("bench-decode")
+        .arg("--model")
+        .arg(model)
+        .args(["--tokens", &n.to_string(), "--prompt-ids", &ids.join(",")])
+        .output()
+        .context("cannot start the benchmark child process")?;
+    if !out.status.success() {
+        bail!(
+            "benchmark child failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .context("benchmark child printed no rate")
+}
+
+/// `equicrypt bench-decode` (hidden): load one model, decode, print tokens per second.
+pub fn decode_child(model: &std::path::Path, prompt_ids: &str, n: usize) -> Result<()> {
+    let prompt: Vec<u32> = prompt_ids
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .context("--prompt-ids must be comma-separated integers")
+        })
+        .collect::<Result<_>>()?;
+    let mut m =
+        LlamaModel::load(model).with_context(|| format!("cannot load {}", model.display()))?;
+    decode_rate(&mut m, &prompt, 4)?; // warm-up
+    println!("{}", decode_rate(&mut m, &prompt, n)?);
+    Ok(())
+}
+
 /// Runs `bench`.
 pub fn run(a: &BenchArgs) -> Result<()> {
     if a.rounds == 0 || a.tokens == 0 {
@@ -80,19 +119,25 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     }
     let key = keyfile::read(&a.key)?;
     let client = ClientSide::load(&a.plain, &key)?;
-    let mut plain = load_plain(&a.plain)?;
-    let mut enc = load_encrypted(&a.encrypted, &key)?;
+    // Both files must be what they claim (and the key must match) before timing anything.
+    drop(load_encrypted(&a.encrypted, &key)?);
+    drop(load_plain(&a.plain)?);
     let text = client.prompt_text("Tell me a long story about a lighthouse.", false)?;
     let prompt = client.cipher.tokenizer().encode(&text, true)?;
     let cprompt = client.cipher.encrypt_ids(&prompt)?;
-    // Warm-up.
-    decode_rate(&mut plain, &prompt, 4)?;
-    decode_rate(&mut enc, &cprompt, 4)?;
     let (mut p, mut e, mut l) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..a.rounds {
         eprintln!("round {}/{}", r + 1, a.rounds);
-        p.push(decode_rate(&mut plain, &prompt, a.tokens)?);
-        e.push(decode_rate(&mut enc, &cprompt, a.tokens)?);
+        // Every measurement runs in a fresh process: within one process the model loaded first
+        // decodes ~10 % faster (memory placement), which would bias the ratio. The order
+        // alternates (ABBA…) so that running second falls on both models equally.
+        if r % 2 == 0 {
+            p.push(decode_rate_in_child(&a.plain, &prompt, a.tokens)?);
+            e.push(decode_rate_in_child(&a.encrypted, &cprompt, a.tokens)?);
+        } else {
+            e.push(decode_rate_in_child(&a.encrypted, &cprompt, a.tokens)?);
+            p.push(decode_rate_in_child(&a.plain, &prompt, a.tokens)?);
+        }
         if a.llamacpp {
             l.push(llamacpp_rate(a, &prompt)?);
         }

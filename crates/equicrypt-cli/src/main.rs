@@ -77,6 +77,19 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// Benchmark decode speed (encrypted ÷ plaintext) and encryption time.
     Bench(bench::BenchArgs),
+    /// One decode timing in a fresh process (used by `bench`).
+    #[command(hide = true)]
+    BenchDecode {
+        /// GGUF file.
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt ids, comma-separated.
+        #[arg(long)]
+        prompt_ids: String,
+        /// Tokens to decode.
+        #[arg(long, default_value_t = 64)]
+        tokens: usize,
+    },
     /// Fetch SmolLM2, make a key, encrypt, and generate: the first command to run.
     Demo {
         /// Models directory.
@@ -215,6 +228,11 @@ fn run(cli: Cli) -> Result<()> {
         Command::Generate(a) => generate_cmd(&a)?,
         Command::Verify(a) => verify::run(&a)?,
         Command::Bench(a) => bench::run(&a)?,
+        Command::BenchDecode {
+            model,
+            prompt_ids,
+            tokens,
+        } => bench::decode_child(&model, &prompt_ids, tokens)?,
         Command::Demo { dir, prompt } => demo(&dir, &prompt)?,
     }
     Ok(())

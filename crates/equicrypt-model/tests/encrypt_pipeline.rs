@@ -209,3 +209,54 @@ fn golden_encrypted_file_digest() {
         "2c796b9312a720b007ad3ce255e452b8655d07330963f635809cf6753d422223"
     );
 }
+
+/// A GGUF of another architecture is refused with its name, before anything is written.
+#[test]
+fn unsupported_architecture_is_named() {
+    use candle_core::quantized::gguf_file::Value;
+    use equicrypt_model::{GgufWriter, TensorHeader};
+    let dir = tempfile::tempdir().unwrap();
+    let (p, q) = (dir.path().join("p.gguf"), dir.path().join("qwen.gguf"));
+    q41_model(6).write(&p).unwrap();
+    let mut src = GgufFile::open(&p).unwrap();
+    let mut meta: Vec<(String, Value)> = src
+        .content
+        .metadata
+        .iter()
+        .map(|(k, v)| (k.replace("llama.", "qwen2."), v.clone()))
+        .collect();
+    for (k, v) in &mut meta {
+        if k == "general.architecture" {
+            *v = Value::String("qwen2".into());
+        }
+    }
+    let tensors = src.tensors.clone();
+    let headers = tensors
+        .iter()
+        .map(|t| TensorHeader {
+            name: t.name.clone(),
+            dtype: t.dtype,
+            dims: t.dims.clone(),
+            size: t.size,
+        })
+        .collect();
+    let mut w = GgufWriter::create(&q, &meta, headers).unwrap();
+    for t in &tensors {
+        w.write_tensor(&t.name, &src.read_tensor(t).unwrap())
+            .unwrap();
+    }
+    w.finish().unwrap();
+    let out = dir.path().join("out.gguf");
+    let e = encrypt_gguf(
+        &SecretKey::from_bytes([1; 32]),
+        &q,
+        &out,
+        &Default::default(),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, ModelError::UnsupportedArchitecture(ref a) if a == "qwen2"),
+        "{e}"
+    );
+    assert!(!out.exists());
+}
