@@ -18,15 +18,8 @@ use crate::session::{load_encrypted, load_plain, ClientSide};
 /// Arguments of `bench`.
 #[derive(Args)]
 pub struct BenchArgs {
-    /// Key file.
-    #[arg(long)]
-    key: PathBuf,
-    /// Plaintext GGUF.
-    #[arg(long)]
-    plain: PathBuf,
-    /// Encrypted GGUF.
-    #[arg(long)]
-    encrypted: PathBuf,
+    #[command(flatten)]
+    pair: crate::session::ModelPair,
     /// Tokens decoded per round.
     #[arg(long, default_value_t = 64)]
     tokens: usize,
@@ -117,11 +110,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     if a.rounds == 0 || a.tokens == 0 {
         bail!("--rounds and --tokens must be at least 1");
     }
-    let key = keyfile::read(&a.key)?;
-    let client = ClientSide::load(&a.plain, &key)?;
+    let key = keyfile::read(&a.pair.key)?;
+    let client = ClientSide::load(&a.pair.plain, &key)?;
     // Both files must be what they claim (and the key must match) before timing anything.
-    drop(load_encrypted(&a.encrypted, &key)?);
-    drop(load_plain(&a.plain)?);
+    drop(load_encrypted(&a.pair.encrypted, &key)?);
+    drop(load_plain(&a.pair.plain)?);
     let text = client.prompt_text("Tell me a long story about a lighthouse.", false)?;
     let prompt = client.cipher.tokenizer().encode(&text, true)?;
     let cprompt = client.cipher.encrypt_ids(&prompt)?;
@@ -132,11 +125,11 @@ pub fn run(a: &BenchArgs) -> Result<()> {
         // decodes ~10 % faster (memory placement), which would bias the ratio. The order
         // alternates (ABBA…) so that running second falls on both models equally.
         if r % 2 == 0 {
-            p.push(decode_rate_in_child(&a.plain, &prompt, a.tokens)?);
-            e.push(decode_rate_in_child(&a.encrypted, &cprompt, a.tokens)?);
+            p.push(decode_rate_in_child(&a.pair.plain, &prompt, a.tokens)?);
+            e.push(decode_rate_in_child(&a.pair.encrypted, &cprompt, a.tokens)?);
         } else {
-            e.push(decode_rate_in_child(&a.encrypted, &cprompt, a.tokens)?);
-            p.push(decode_rate_in_child(&a.plain, &prompt, a.tokens)?);
+            e.push(decode_rate_in_child(&a.pair.encrypted, &cprompt, a.tokens)?);
+            p.push(decode_rate_in_child(&a.pair.plain, &prompt, a.tokens)?);
         }
         if a.llamacpp {
             l.push(llamacpp_rate(a, &prompt)?);
@@ -146,7 +139,7 @@ pub fn run(a: &BenchArgs) -> Result<()> {
     let mut enc_times = Vec::new();
     for i in 0..a.rounds {
         let out = dir.path().join(format!("e{i}.gguf"));
-        let r = encrypt_gguf(&key, &a.plain, &out, &EncryptOptions::default())?;
+        let r = encrypt_gguf(&key, &a.pair.plain, &out, &EncryptOptions::default())?;
         enc_times.push(r.seconds);
         std::fs::remove_file(out)?;
     }
@@ -197,7 +190,7 @@ fn llamacpp_rate(a: &BenchArgs, prompt: &[u32]) -> Result<f64> {
     let out = Command::new("python3")
         .arg(script)
         .arg("--model")
-        .arg(&a.plain)
+        .arg(&a.pair.plain)
         .args(["--tokens", &a.tokens.to_string(), "--threads", &threads])
         .args(["--prompt-ids", &ids.join(",")])
         .output()

@@ -9,6 +9,20 @@ use equicrypt_core::SecretKey;
 use equicrypt_engine::LlamaModel;
 use equicrypt_model::{EncryptedModelInfo, GgufFile};
 
+/// A key with the plaintext model and its encrypted counterpart (the inputs of `verify`, `bench`).
+#[derive(clap::Args)]
+pub struct ModelPair {
+    /// Key file.
+    #[arg(long)]
+    pub key: std::path::PathBuf,
+    /// Plaintext GGUF.
+    #[arg(long)]
+    pub plain: std::path::PathBuf,
+    /// Encrypted GGUF.
+    #[arg(long)]
+    pub encrypted: std::path::PathBuf,
+}
+
 /// Opens an encrypted model and checks that `key` is its key.
 pub fn load_encrypted(path: &Path, key: &SecretKey) -> Result<LlamaModel> {
     let f = GgufFile::open(path)?;

@@ -23,15 +23,8 @@ pub const PROMPTS: &str = include_str!("../data/prompts.txt");
 /// Arguments of `verify`.
 #[derive(Args)]
 pub struct VerifyArgs {
-    /// Key file.
-    #[arg(long)]
-    key: PathBuf,
-    /// Plaintext GGUF.
-    #[arg(long)]
-    plain: PathBuf,
-    /// Encrypted GGUF.
-    #[arg(long)]
-    encrypted: PathBuf,
+    #[command(flatten)]
+    pair: crate::session::ModelPair,
     /// Text to score (default: built-in ≈1,200-token text).
     #[arg(long)]
     text: Option<PathBuf>,
@@ -171,10 +164,10 @@ pub struct VerifyReport {
 
 /// Runs `verify`.
 pub fn run(a: &VerifyArgs) -> Result<()> {
-    let key = keyfile::read(&a.key)?;
-    let client = ClientSide::load(&a.plain, &key)?;
+    let key = keyfile::read(&a.pair.key)?;
+    let client = ClientSide::load(&a.pair.plain, &key)?;
     let mode = {
-        let f = equicrypt_model::GgufFile::open(&a.encrypted)?;
+        let f = equicrypt_model::GgufFile::open(&a.pair.encrypted)?;
         equicrypt_model::EncryptedModelInfo::read(&f)?
             .mode
             .as_str()
@@ -272,9 +265,9 @@ fn run_llamacpp(
     let out = std::process::Command::new("python3")
         .arg(script)
         .arg("--plain")
-        .arg(&a.plain)
+        .arg(&a.pair.plain)
         .arg("--encrypted")
-        .arg(&a.encrypted)
+        .arg(&a.pair.encrypted)
         .arg("--job")
         .arg(&job_path)
         .stderr(std::process::Stdio::inherit())
@@ -297,8 +290,8 @@ fn run_ours(
     prompts: &[&str],
     mode: String,
 ) -> Result<VerifyReport> {
-    let mut enc = load_encrypted(&a.encrypted, key)?;
-    let mut plain = load_plain(&a.plain)?;
+    let mut enc = load_encrypted(&a.pair.encrypted, key)?;
+    let mut plain = load_plain(&a.pair.plain)?;
     let tok = client.cipher.tokenizer();
     let n = ids.len().min(plain.context_length());
     let ids = &ids[..n];
