@@ -1,0 +1,3 @@
+//! The blind inference server (work in progress).
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
