@@ -3,6 +3,8 @@
 mod bench;
 mod fetch;
 mod keyfile;
+mod remote_cmds;
+mod serve;
 mod session;
 mod verify;
 
@@ -90,6 +92,12 @@ enum Command {
         #[arg(long, default_value_t = 64)]
         tokens: usize,
     },
+    /// Serve an encrypted model over HTTP (token ids only; the server holds no key).
+    Serve(serve::ServeArgs),
+    /// Chat interactively through a blind server (the server sees only ciphertext ids).
+    Chat(remote_cmds::ChatArgs),
+    /// OpenAI-compatible plaintext front on this machine that talks ciphertext ids to a blind server.
+    Proxy(remote_cmds::ProxyArgs),
     /// Fetch SmolLM2, make a key, encrypt, and generate: the first command to run.
     Demo {
         /// Models directory.
@@ -234,6 +242,9 @@ fn run(cli: Cli) -> Result<()> {
             tokens,
         } => bench::decode_child(&model, &prompt_ids, tokens)?,
         Command::Demo { dir, prompt } => demo(&dir, &prompt)?,
+        Command::Serve(a) => serve::run(&a)?,
+        Command::Chat(a) => remote_cmds::chat(&a)?,
+        Command::Proxy(a) => remote_cmds::proxy(&a)?,
     }
     Ok(())
 }

@@ -11,11 +11,18 @@
 //! * [`CipherSession`]: tokenizer + [`equicrypt_core::VocabPermutation`] — encrypts prompts into
 //!   ciphertext ids and decrypts/detokenizes a stream of ciphertext ids.
 //!
-//! This crate does no networking; the only file I/O is reading GGUF metadata.
+//! * [`remote`] (feature `remote`, on by default): an HTTP client for a blind server — ours or
+//!   llama.cpp's `llama-server` — and [`remote::BlindChat`], which tokenizes, encrypts, streams and
+//!   decrypts a completion.
+//!
+//! Apart from [`remote`], this crate does no networking; the only file I/O is reading GGUF
+//! metadata.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+#[cfg(feature = "remote")]
+pub mod remote;
 mod session;
 mod stream;
 mod template;
@@ -82,6 +89,56 @@ pub enum ClientError {
     /// An error from the core layer (e.g. a ciphertext id outside the vocabulary).
     #[error(transparent)]
     Core(#[from] CoreError),
+    /// A server base URL that cannot be used.
+    #[error("invalid server URL '{url}': {reason}")]
+    InvalidUrl {
+        /// The URL as given.
+        url: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// The server could not be reached (connection refused, no route, connect timeout).
+    #[error("cannot reach the server at {url}: {reason}")]
+    Unreachable {
+        /// The URL of the request.
+        url: String,
+        /// The transport's description.
+        reason: String,
+    },
+    /// The HTTP exchange failed after connecting (connection reset, timeout, invalid HTTP).
+    #[error("HTTP request to {url} failed: {reason}")]
+    Transport {
+        /// The URL of the request.
+        url: String,
+        /// The transport's description.
+        reason: String,
+    },
+    /// The server answered with an error: a non-2xx status (message from its error body), or an
+    /// error event inside a stream.
+    #[error("server error {status}: {message}")]
+    Server {
+        /// HTTP status (for an error event inside a stream: its `code`, else 500).
+        status: u16,
+        /// The server's message.
+        message: String,
+    },
+    /// A response body or server-sent event that does not have the protocol's shape.
+    #[error("malformed server response: {0}")]
+    MalformedResponse(String),
+    /// The served model was encrypted with another key; no prompt was sent.
+    #[error("the server's model is encrypted for key {server}, not for this key ({key}); no prompt was sent")]
+    FingerprintMismatch {
+        /// Fingerprint the server reports.
+        server: String,
+        /// Fingerprint of the local key.
+        key: String,
+    },
+    /// The server reports no key fingerprint, so the key cannot be checked; no prompt was sent.
+    #[error("the server at {url} reports no key fingerprint, so its model cannot be checked against this key; no prompt was sent (llama-server: start it with --alias <fingerprint>)")]
+    FingerprintUnavailable {
+        /// The server's base URL.
+        url: String,
+    },
 }
 
 /// Result alias of this crate.

@@ -1,0 +1,261 @@
+//! Blind chat against a REAL llama.cpp `llama-server` serving an encrypted SmolLM2-135M-Instruct.
+//!
+//! The binary comes from `scripts/build-llama-server.sh`: `$EQUICRYPT_LLAMA_SERVER`, else
+//! `${EQUICRYPT_CACHE_DIR:-/work/cache}/llama-server-build/bin/llama-server`. When it is absent
+//! the test prints `SKIP` — or fails if `EQUICRYPT_REQUIRE_LLAMA_SERVER=1`. The model follows the
+//! other tests' rules (`EQUICRYPT_SMOLLM2`, `EQUICRYPT_REQUIRE_MODELS=1`).
+//!
+//! llama-server is started with `--no-repack`: on CPUs with Intel AMX, llama.cpp's AMX repack path
+//! crashes (segfault at warm-up) on micro-batches of more than one token; `-ub 1` also avoids it.
+//! `-t 1` because the test machines have two shared cores and ggml's threads spin-wait.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use candle_core::quantized::gguf_file::Content;
+use equicrypt_client::remote::{
+    Backend, BlindChat, CompletionRequest, GenerateParams, RemoteClient, StopType, StreamEvent,
+};
+use equicrypt_client::{ChatMessage, ChatTemplate, CipherSession, ClientError, GgufTokenizer};
+use equicrypt_core::SecretKey;
+use equicrypt_model::{encrypt_gguf, EncryptOptions};
+
+const PROMPT: &str = "What is the capital of France? Answer in one sentence.";
+
+/// The llama-server binary, or `None` (after printing SKIP) when absent and not required.
+fn llama_server_bin(test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("EQUICRYPT_LLAMA_SERVER")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            let cache = std::env::var_os("EQUICRYPT_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/work/cache"));
+            cache.join("llama-server-build/bin/llama-server")
+        });
+    if path.is_file() {
+        return Some(path);
+    }
+    if std::env::var("EQUICRYPT_REQUIRE_LLAMA_SERVER").as_deref() == Ok("1") {
+        panic!(
+            "{test}: llama-server {} is required (EQUICRYPT_REQUIRE_LLAMA_SERVER=1) but absent; \
+             build it with scripts/build-llama-server.sh",
+            path.display()
+        );
+    }
+    eprintln!(
+        "SKIP {test}: llama-server {} not found (scripts/build-llama-server.sh builds it)",
+        path.display()
+    );
+    None
+}
+
+/// Kills the server when dropped, also while a failed assertion unwinds.
+struct ServerGuard {
+    child: Child,
+    log: PathBuf,
+}
+
+impl ServerGuard {
+    fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(25)..].join("\n")
+    }
+}
+
+impl Drop for ServerGuard {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    l.local_addr().unwrap().port()
+}
+
+/// Starts llama-server on a free loopback port and waits for `/health`; retries on a port race.
+async fn start_server(
+    bin: &Path,
+    model: &Path,
+    alias: &str,
+    dir: &Path,
+) -> (ServerGuard, RemoteClient) {
+    let mut last = String::new();
+    for attempt in 0..3 {
+        let port = free_port();
+        let log = dir.join(format!("llama-server-{attempt}.log"));
+        let out = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin)
+            .arg("-m")
+            .arg(model)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-t", "1", "-c", "1024", "-np", "1", "--no-repack"])
+            .args(["--alias", alias])
+            .stdin(Stdio::null())
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .expect("spawn llama-server");
+        let mut guard = ServerGuard { child, log };
+        let client =
+            RemoteClient::new(&format!("http://127.0.0.1:{port}"), Backend::LlamaCpp).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            if let Ok(Some(status)) = guard.child.try_wait() {
+                last = format!("llama-server exited with {status}:\n{}", guard.log_tail());
+                break;
+            }
+            match client.health().await {
+                Ok(()) => return (guard, client),
+                Err(e) if Instant::now() > deadline => {
+                    panic!(
+                        "llama-server not healthy after 120 s: {e}\n{}",
+                        guard.log_tail()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+    panic!("llama-server did not start: {last}");
+}
+
+#[tokio::test]
+async fn blind_chat_against_real_llama_server() {
+    let test = "blind_chat_against_real_llama_server";
+    let Some(plain) = common::smollm2_path(test) else {
+        return;
+    };
+    let Some(bin) = llama_server_bin(test) else {
+        return;
+    };
+
+    // Client side: key, tokenizer and template from the plaintext GGUF.
+    let key = SecretKey::from_bytes([0x5a; 32]);
+    let fp = key.fingerprint();
+    let content = {
+        let mut f = std::fs::File::open(&plain).unwrap();
+        Content::read(&mut f).unwrap()
+    };
+    let session = CipherSession::from_key(GgufTokenizer::from_content(&content).unwrap(), &key);
+    let prompt = ChatTemplate::from_content(&content)
+        .unwrap()
+        .render(&[ChatMessage::new("user", PROMPT)], true)
+        .unwrap();
+
+    // Server side: the encrypted file, served by stock llama-server.
+    let dir = tempfile::tempdir().unwrap();
+    let enc = dir.path().join("enc.gguf");
+    encrypt_gguf(&key, &plain, &enc, &EncryptOptions::default()).unwrap();
+    let t0 = Instant::now();
+    let (guard, client) = start_server(&bin, &enc, &format!("equicrypt-{fp}"), dir.path()).await;
+    let startup = t0.elapsed();
+
+    // The key check passes for this key and refuses another one.
+    let info = client.check_fingerprint(&fp).await.unwrap();
+    assert_eq!(info.key_fingerprint.as_deref(), Some(fp.0.as_str()));
+    assert_eq!(info.vocab_size, session.tokenizer().vocab_size());
+    let other = SecretKey::from_bytes([0x5b; 32]).fingerprint();
+    assert!(matches!(
+        client.check_fingerprint(&other).await,
+        Err(ClientError::FingerprintMismatch { .. })
+    ));
+
+    // Greedy blind chat, streamed.
+    let chat = BlindChat::new(&session, &client);
+    let mut pieces = String::new();
+    let mut piece_ids = Vec::new();
+    let t1 = Instant::now();
+    let out = chat
+        .generate(&prompt, GenerateParams::greedy(48), |text, ids| {
+            pieces.push_str(text);
+            piece_ids.extend_from_slice(ids);
+        })
+        .await
+        .unwrap_or_else(|e| panic!("generate: {e}\n{}", guard.log_tail()));
+    let gen_time = t1.elapsed();
+    eprintln!(
+        "llama-server: healthy after {:.2} s; answer in {:.2} s ({} tokens, stop {:?}, server {:.1} tok/s): {:?}",
+        startup.as_secs_f64(),
+        gen_time.as_secs_f64(),
+        out.cipher_ids.len(),
+        out.stop_type,
+        out.timings.as_ref().map_or(0.0, |t| t.predicted_per_second),
+        out.text
+    );
+    eprintln!("  prompt (cipher): {:?}...", &out.prompt_cipher_ids[..8]);
+    eprintln!("  answer (cipher): {:?}", out.cipher_ids);
+    assert!(out.text.contains("Paris"), "answer: {:?}", out.text);
+    assert_eq!(out.stop_type, StopType::Eos, "SmolLM2 ends its sentence");
+    // llama-server's final event (timings) is read after its EOS, not cut off.
+    let timings = out
+        .timings
+        .as_ref()
+        .expect("timings of llama-server's final event");
+    assert_eq!(timings.prompt_n, out.prompt_cipher_ids.len());
+    assert_eq!(pieces, out.text);
+    assert_eq!(piece_ids, out.cipher_ids);
+    assert_eq!(session.decrypt_ids(&out.cipher_ids).unwrap(), out.plain_ids);
+    // What the server saw is not the plaintext.
+    let plain_prompt = session.tokenizer().encode(&prompt, true).unwrap();
+    assert_eq!(
+        session.encrypt_ids(&plain_prompt).unwrap(),
+        out.prompt_cipher_ids
+    );
+    assert_ne!(plain_prompt, out.prompt_cipher_ids);
+
+    // Non-streamed greedy completion gives the same ids.
+    let eog = session.eog_cipher_ids().unwrap();
+    let mut req: CompletionRequest = serde_json::from_value(serde_json::json!({
+        "prompt": out.prompt_cipher_ids,
+        "n_predict": 48,
+        "temperature": 0.0,
+        "top_k": 1,
+        "stop_ids": eog,
+    }))
+    .unwrap();
+    let r = client.complete(&req).await.unwrap();
+    assert_eq!(r.tokens, out.cipher_ids);
+    assert_eq!(r.stop_type, StopType::Eos);
+
+    // The client stops a llama-server stream itself at a stop id llama-server does not know.
+    let stop = out.cipher_ids[3];
+    let cut = out.cipher_ids.iter().position(|&t| t == stop).unwrap();
+    req.stop_ids = vec![stop];
+    let mut ts = client.complete_stream(&req).await.unwrap();
+    let mut got = Vec::new();
+    let mut done = None;
+    while let Some(ev) = ts.next().await.unwrap() {
+        match ev {
+            StreamEvent::Tokens(t) => got.extend(t),
+            d @ StreamEvent::Done { .. } => done = Some(d),
+        }
+    }
+    assert_eq!(got, out.cipher_ids[..cut]);
+    assert!(matches!(
+        done,
+        Some(StreamEvent::Done {
+            stop_type: StopType::Eos,
+            ..
+        })
+    ));
+
+    // llama-server's own errors come back as Server errors.
+    req.prompt = vec![u32::MAX - 1];
+    let e = client.complete(&req).await.unwrap_err();
+    assert!(
+        matches!(e, ClientError::Server { status: 400, .. }),
+        "{e:?}"
+    );
+
+    // Once the server is gone, the client says so.
+    drop(guard);
+    let fresh = RemoteClient::new(client.base_url(), Backend::LlamaCpp).unwrap();
+    let e = fresh.health().await.unwrap_err();
+    assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
+}

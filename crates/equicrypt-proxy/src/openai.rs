@@ -1,0 +1,249 @@
+//! OpenAI request and response shapes (the subset the proxy implements).
+
+use equicrypt_client::remote::GenerateParams;
+use serde::Deserialize;
+use serde_json::{json, Value};
+
+/// Default `max_tokens`.
+const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// One chat message.
+#[derive(Debug, Deserialize)]
+pub struct Message {
+    /// `system`, `user` or `assistant`.
+    pub role: String,
+    /// Text content.
+    pub content: String,
+}
+
+/// `stream_options`.
+#[derive(Debug, Default, Deserialize)]
+pub struct StreamOptions {
+    /// Send a final chunk with usage counts.
+    #[serde(default)]
+    pub include_usage: bool,
+}
+
+/// Sampling fields shared by both endpoints.
+#[derive(Debug, Default, Deserialize)]
+pub struct Sampling {
+    /// Model name (informational).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// Maximum tokens to generate.
+    #[serde(default)]
+    pub max_tokens: Option<usize>,
+    /// Newer name of `max_tokens`.
+    #[serde(default)]
+    pub max_completion_tokens: Option<usize>,
+    /// Temperature (OpenAI default 1).
+    #[serde(default)]
+    pub temperature: Option<f32>,
+    /// Top-p.
+    #[serde(default)]
+    pub top_p: Option<f32>,
+    /// Seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    /// Stop strings (unsupported unless empty).
+    #[serde(default)]
+    pub stop: Option<Value>,
+    /// Number of choices (only 1).
+    #[serde(default)]
+    pub n: Option<usize>,
+    /// Stream the answer.
+    #[serde(default)]
+    pub stream: bool,
+    /// Streaming options.
+    #[serde(default)]
+    pub stream_options: Option<StreamOptions>,
+}
+
+impl Sampling {
+    fn validate(&self) -> Result<(), String> {
+        if self.n.is_some_and(|n| n != 1) {
+            return Err("only n = 1 is supported".into());
+        }
+        match &self.stop {
+            None | Some(Value::Null) => {}
+            Some(Value::Array(a)) if a.is_empty() => {}
+            Some(_) => return Err(
+                "stop strings are not supported (the model's end-of-turn tokens stop generation)"
+                    .into(),
+            ),
+        }
+        if let Some(t) = self.temperature {
+            if !(0.0..=2.0).contains(&t) {
+                return Err(format!("temperature {t} is outside [0, 2]"));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !(p > 0.0 && p <= 1.0) {
+                return Err(format!("top_p {p} is outside (0, 1]"));
+            }
+        }
+        if self.max_tokens.or(self.max_completion_tokens) == Some(0) {
+            return Err("max_tokens must be at least 1".into());
+        }
+        Ok(())
+    }
+
+    fn params(&self, parse_special: bool) -> GenerateParams {
+        let mut p = GenerateParams {
+            parse_special,
+            render_special: false,
+            ..GenerateParams::default()
+        };
+        p.max_tokens = self
+            .max_tokens
+            .or(self.max_completion_tokens)
+            .unwrap_or(DEFAULT_MAX_TOKENS);
+        p.temperature = self.temperature.unwrap_or(1.0);
+        p.top_p = self.top_p.unwrap_or(1.0);
+        p.top_k = 0;
+        p.seed = self.seed.unwrap_or(0);
+        p
+    }
+}
+
+/// `POST /v1/chat/completions` request.
+#[derive(Debug, Deserialize)]
+pub struct ChatCompletionRequest {
+    /// The conversation.
+    pub messages: Vec<Message>,
+    /// Sampling and streaming fields.
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+impl ChatCompletionRequest {
+    /// Checks the fields the proxy cannot honour.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.messages.is_empty() {
+            return Err("messages must not be empty".into());
+        }
+        self.sampling.validate()
+    }
+
+    /// Generation parameters (the rendered chat template's special tokens are parsed).
+    pub fn params(&self) -> GenerateParams {
+        self.sampling.params(true)
+    }
+
+    /// Whether a usage chunk was asked for.
+    pub fn include_usage(&self) -> bool {
+        self.sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+/// `POST /v1/completions` request (plaintext prompt; the proxy tokenizes it).
+#[derive(Debug, Deserialize)]
+pub struct CompletionRequest {
+    /// Prompt text.
+    pub prompt: String,
+    /// Sampling and streaming fields.
+    #[serde(flatten)]
+    pub sampling: Sampling,
+}
+
+impl CompletionRequest {
+    /// Checks the fields the proxy cannot honour.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.prompt.is_empty() {
+            return Err("prompt must not be empty".into());
+        }
+        self.sampling.validate()
+    }
+
+    /// Generation parameters (a plaintext prompt's special-token text stays text).
+    pub fn params(&self) -> GenerateParams {
+        self.sampling.params(false)
+    }
+
+    /// Whether a usage chunk was asked for.
+    pub fn include_usage(&self) -> bool {
+        self.sampling
+            .stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+}
+
+/// OpenAI `usage` object.
+pub fn usage(prompt: usize, completion: usize) -> Value {
+    json!({"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion})
+}
+
+/// A non-streamed chat completion.
+pub fn chat_response(
+    id: &str,
+    created: u64,
+    model: &str,
+    text: String,
+    finish: &str,
+    usage: Value,
+) -> Value {
+    json!({
+        "id": id, "object": "chat.completion", "created": created, "model": model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}],
+        "usage": usage,
+    })
+}
+
+/// A non-streamed text completion.
+pub fn text_response(
+    id: &str,
+    created: u64,
+    model: &str,
+    text: String,
+    finish: &str,
+    usage: Value,
+) -> Value {
+    json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
+        "usage": usage,
+    })
+}
+
+/// One streamed chat chunk.
+pub fn chat_chunk(
+    id: &str,
+    created: u64,
+    model: &str,
+    role: Option<&str>,
+    content: Option<&str>,
+    finish: Option<&str>,
+) -> Value {
+    let mut delta = serde_json::Map::new();
+    if let Some(r) = role {
+        delta.insert("role".into(), json!(r));
+        delta.insert("content".into(), json!(""));
+    }
+    if let Some(c) = content {
+        delta.insert("content".into(), json!(c));
+    }
+    json!({
+        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish}],
+    })
+}
+
+/// One streamed text-completion chunk.
+pub fn text_chunk(id: &str, created: u64, model: &str, text: &str, finish: Option<&str>) -> Value {
+    json!({
+        "id": id, "object": "text_completion", "created": created, "model": model,
+        "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}],
+    })
+}
+
+/// The final usage-only chunk (`stream_options.include_usage`).
+pub fn usage_chunk(id: &str, created: u64, model: &str, chat: bool, usage: Value) -> Value {
+    json!({
+        "id": id, "object": if chat { "chat.completion.chunk" } else { "text_completion" },
+        "created": created, "model": model, "choices": [], "usage": usage,
+    })
+}
