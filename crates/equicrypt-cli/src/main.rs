@@ -1,10 +1,13 @@
 //! `equicrypt`: keys, encryption of real models, blind generation, fidelity checks, benchmarks.
 
+mod audit;
 mod bench;
 mod fetch;
 mod keyfile;
+mod loadtest;
 mod remote_cmds;
 mod serve;
+mod servebench;
 mod session;
 mod verify;
 
@@ -14,7 +17,7 @@ use std::path::{Path, PathBuf};
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
 use equicrypt_core::{PermMode, SecretKey};
-use equicrypt_engine::{generate, Engine, SamplingParams};
+use equicrypt_engine::{generate, SamplingParams};
 use equicrypt_model::{encrypt_gguf, inspect, EncryptOptions, GgufFile};
 
 use crate::fetch::KnownModel;
@@ -94,10 +97,16 @@ enum Command {
     },
     /// Serve an encrypted model over HTTP (token ids only; the server holds no key).
     Serve(serve::ServeArgs),
+    /// Attack lab: measure what a curious server can recover (A1 weight matching so far).
+    Audit(audit::AuditArgs),
     /// Chat interactively through a blind server (the server sees only ciphertext ids).
     Chat(remote_cmds::ChatArgs),
     /// OpenAI-compatible plaintext front on this machine that talks ciphertext ids to a blind server.
     Proxy(remote_cmds::ProxyArgs),
+    /// Bounded load test of a loopback blind server: N requests sequentially, then concurrently.
+    Loadtest(loadtest::LoadtestArgs),
+    /// Decode throughput direct vs through `serve` vs through `proxy` + `serve` (run with RAYON_NUM_THREADS=1).
+    BenchServe(servebench::BenchServeArgs),
     /// Fetch SmolLM2, make a key, encrypt, and generate: the first command to run.
     Demo {
         /// Models directory.
@@ -243,8 +252,11 @@ fn run(cli: Cli) -> Result<()> {
         } => bench::decode_child(&model, &prompt_ids, tokens)?,
         Command::Demo { dir, prompt } => demo(&dir, &prompt)?,
         Command::Serve(a) => serve::run(&a)?,
+        Command::Audit(a) => audit::run(&a)?,
         Command::Chat(a) => remote_cmds::chat(&a)?,
         Command::Proxy(a) => remote_cmds::proxy(&a)?,
+        Command::Loadtest(a) => loadtest::run(&a)?,
+        Command::BenchServe(a) => servebench::run(&a)?,
     }
     Ok(())
 }
@@ -344,6 +356,7 @@ fn generate_cmd(a: &GenerateArgs) -> Result<()> {
 }
 
 fn demo(dir: &Path, prompt: &str) -> Result<()> {
+    use anyhow::Context as _;
     println!("== 1. fetch the real model (SmolLM2-135M-Instruct, GGUF Q4_1)");
     let plain = fetch::fetch(KnownModel::Smollm2, dir)?;
     println!("   {}", plain.display());
@@ -374,40 +387,145 @@ fn demo(dir: &Path, prompt: &str) -> Result<()> {
     } else {
         println!("   {} (already there)", enc.display());
     }
-    println!("== 4. generate: the engine sees only ciphertext ids");
+    println!("== 4. start the blind server as its own process (encrypted file only: no key, no tokenizer)");
+    let exe = std::env::current_exe().context("cannot find the equicrypt executable")?;
+    let mut server = DemoServer::start(&exe, &enc)?;
+    println!(
+        "   {} serve --model {} --listen {}   (pid {})",
+        exe.display(),
+        enc.display(),
+        server.addr,
+        server.child.id()
+    );
+    println!("== 5. chat through the client: tokenize and encrypt here, the server sees only ciphertext ids");
     let client = ClientSide::load(&plain, &key)?;
-    let mut engine = load_encrypted(&enc, &key)?;
     let text = client.prompt_text(prompt, false)?;
-    let cipher_prompt = client.cipher.encrypt_prompt(&text, true)?;
-    let stop = client.cipher.eog_cipher_ids()?;
-    let gen = generate(
-        &mut engine,
-        &cipher_prompt,
-        64,
-        &SamplingParams::greedy(),
-        &stop,
-        |_| true,
-    )?;
-    let answer = client.cipher.decrypt_text(&gen.tokens)?;
     let plain_prompt = client.cipher.tokenizer().encode(&text, true)?;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let out = rt.block_on(async {
+        use equicrypt_client::remote::{Backend, BlindChat, GenerateParams, RemoteClient};
+        let remote = RemoteClient::new(&format!("http://{}", server.addr), Backend::Equicrypt)?;
+        remote
+            .wait_healthy(std::time::Duration::from_secs(60))
+            .await?;
+        remote.check_fingerprint(&key.fingerprint()).await?;
+        let out = BlindChat::new(&client.cipher, &remote)
+            .generate(&text, GenerateParams::greedy(64), |_, _| {})
+            .await?;
+        anyhow::Ok(out)
+    })?;
     println!("   prompt:              {prompt:?}");
     println!(
         "   plaintext ids:       {:?}",
         &plain_prompt[..plain_prompt.len().min(24)]
     );
     println!(
-        "   engine saw (cipher): {:?}",
-        &cipher_prompt[..cipher_prompt.len().min(24)]
+        "   server saw (cipher): {:?}",
+        &out.prompt_cipher_ids[..out.prompt_cipher_ids.len().min(24)]
     );
     println!(
-        "   engine produced:     {:?}",
-        &gen.tokens[..gen.tokens.len().min(24)]
+        "   server produced:     {:?}",
+        &out.cipher_ids[..out.cipher_ids.len().min(24)]
     );
-    println!("   decrypted answer:    {}", answer.trim());
-    println!(
-        "   engine position {} of {} context",
-        engine.position(),
-        engine.context_length()
-    );
+    println!("   decrypted answer:    {}", out.text.trim());
+    if let Some(t) = &out.timings {
+        println!(
+            "   server timings:      {} prompt ids in {:.0} ms, {} generated at {:.1} tok/s",
+            t.prompt_n, t.prompt_ms, t.predicted_n, t.predicted_per_second
+        );
+    }
+    println!("== 6. stop the server");
+    let status = server.stop();
+    println!("   server stopped ({status})");
     Ok(())
+}
+
+/// The demo's `equicrypt serve` child process; killed if still running when dropped.
+struct DemoServer {
+    child: std::process::Child,
+    addr: std::net::SocketAddr,
+}
+
+impl DemoServer {
+    /// Starts `EXE serve --model ENC --listen 127.0.0.1:0` and reads the address it reports.
+    fn start(exe: &Path, enc: &Path) -> Result<Self> {
+        use anyhow::Context as _;
+        use std::io::BufRead;
+        let mut child = std::process::Command::new(exe)
+            .arg("serve")
+            .arg("--model")
+            .arg(enc)
+            .args(["--listen", "127.0.0.1:0"])
+            .env("RAYON_NUM_THREADS", "1")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .context("cannot start the server")?;
+        let stderr = child.stderr.take().context("no server stderr")?;
+        let mut server = Self {
+            child,
+            addr: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        };
+        let mut lines = std::io::BufReader::new(stderr).lines();
+        let mut seen = Vec::new();
+        for line in lines.by_ref() {
+            let line = line.context("cannot read the server's output")?;
+            let addr = line
+                .strip_prefix("listening on ")
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|a| a.parse().ok());
+            if let Some(addr) = addr {
+                server.addr = addr;
+                // Keep draining its log so that the server never blocks on a full pipe.
+                std::thread::spawn(move || lines.for_each(drop));
+                return Ok(server);
+            }
+            seen.push(line);
+        }
+        anyhow::bail!("the server exited before listening: {}", seen.join(" | "))
+    }
+
+    /// SIGTERM (graceful shutdown; a hard kill where `kill` is unavailable or after 10 s), then
+    /// waits for the exit.
+    fn stop(&mut self) -> String {
+        let termed = std::process::Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            match self.child.try_wait() {
+                Ok(Some(s)) => {
+                    return if termed {
+                        format!("SIGTERM, {s}")
+                    } else {
+                        format!("killed, {s}")
+                    }
+                }
+                Ok(None) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(50))
+                }
+                _ => {
+                    let _ = self.child.kill();
+                    return match self.child.wait() {
+                        Ok(s) => format!("killed, {s}"),
+                        Err(e) => format!("kill failed: {e}"),
+                    };
+                }
+            }
+        }
+    }
+}
+
+impl Drop for DemoServer {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
 }

@@ -12,6 +12,7 @@
 mod openai;
 
 use std::convert::Infallible;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -100,7 +101,28 @@ pub fn router(state: Arc<ProxyState>) -> Router {
                 Json(ErrorBody::new("not_found", "no such endpoint")),
             )
         })
+        // axum's own 405 has an empty body; OpenAI clients expect a JSON error.
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(ErrorBody::new(
+                    "invalid_request_error",
+                    "method not allowed on this endpoint",
+                )),
+            )
+        })
         .with_state(state)
+}
+
+/// A response id unique within this process (`PREFIX-SECONDS-COUNTER`): OpenAI clients use ids to
+/// tell completions apart, and seconds alone repeat within a second.
+fn response_id(prefix: &str) -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{prefix}-{}-{}",
+        now(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    )
 }
 
 fn now() -> u64 {
@@ -151,13 +173,17 @@ fn spawn_generation(st: Arc<ProxyState>, job: &Job) -> mpsc::UnboundedReceiver<P
     tokio::spawn(async move {
         let chat = BlindChat::new(&st.session, &st.client);
         let txt = tx.clone();
-        let out = chat
-            .generate(&prompt, params, move |text, _ids| {
-                if !text.is_empty() {
-                    let _ = txt.send(Piece::Text(text.to_string()));
-                }
-            })
-            .await;
+        let generation = chat.generate(&prompt, params, move |text, _ids| {
+            if !text.is_empty() {
+                let _ = txt.send(Piece::Text(text.to_string()));
+            }
+        });
+        // When the application goes away (the receiver is dropped), dropping the generation
+        // closes the connection to the blind server, which then stops generating.
+        let out = tokio::select! {
+            out = generation => out,
+            () = tx.closed() => return,
+        };
         let _ = tx.send(match out {
             Ok(o) => Piece::Done {
                 stop: o.stop_type,
@@ -176,7 +202,7 @@ async fn run(st: Arc<ProxyState>, job: Job) -> Result<Response, ProxyError> {
         .check_fingerprint(&st.fingerprint)
         .await
         .map_err(|e| ProxyError::Upstream(e.to_string()))?;
-    let id = format!("{}-{}", if job.chat { "chatcmpl" } else { "cmpl" }, now());
+    let id = response_id(if job.chat { "chatcmpl" } else { "cmpl" });
     let created = now();
     let mut rx = spawn_generation(st, &job);
     if !job.stream {
@@ -231,7 +257,9 @@ fn sse_stream(
     async_stream(move |tx| async move {
         if job.chat {
             let first = openai::chat_chunk(&id, created, &job.model, Some("assistant"), None, None);
-            tx.send(Event::default().data(first.to_string())).await;
+            if !tx.send(Event::default().data(first.to_string())).await {
+                return;
+            }
         }
         while let Some(p) = rx.recv().await {
             match p {
@@ -241,7 +269,10 @@ fn sse_stream(
                     } else {
                         openai::text_chunk(&id, created, &job.model, &t, None)
                     };
-                    tx.send(Event::default().data(c.to_string())).await;
+                    if !tx.send(Event::default().data(c.to_string())).await {
+                        // Dropping `rx` cancels the generation.
+                        return;
+                    }
                 }
                 Piece::Failed(e) => {
                     let err = serde_json::to_string(&ErrorBody::new("upstream_error", e))
@@ -283,8 +314,9 @@ fn sse_stream(
 struct Yield(mpsc::Sender<Event>);
 
 impl Yield {
-    async fn send(&self, e: Event) {
-        let _ = self.0.send(e).await;
+    /// Sends one event; `false` once the response body is gone (the application disconnected).
+    async fn send(&self, e: Event) -> bool {
+        self.0.send(e).await.is_ok()
     }
 }
 
@@ -343,4 +375,17 @@ async fn completions(
         model: st.model_id.clone(),
     };
     run(st, job).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn response_ids_are_unique() {
+        let a = response_id("chatcmpl");
+        let b = response_id("chatcmpl");
+        assert_ne!(a, b);
+        assert!(a.starts_with("chatcmpl-"));
+    }
 }

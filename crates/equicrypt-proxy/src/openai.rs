@@ -12,8 +12,40 @@ const DEFAULT_MAX_TOKENS: usize = 256;
 pub struct Message {
     /// `system`, `user` or `assistant`.
     pub role: String,
-    /// Text content.
+    /// Text content: a string, `null` (empty), or an array of `{"type": "text", "text": …}`
+    /// parts (concatenated; other part types are refused).
+    #[serde(deserialize_with = "content_text")]
     pub content: String,
+}
+
+/// OpenAI message content as text.
+fn content_text<'de, D: serde::Deserializer<'de>>(d: D) -> Result<String, D::Error> {
+    use serde::de::Error;
+    match Value::deserialize(d)? {
+        Value::String(s) => Ok(s),
+        Value::Null => Ok(String::new()),
+        Value::Array(parts) => {
+            let mut text = String::new();
+            for p in &parts {
+                match (
+                    p.get("type").and_then(Value::as_str),
+                    p.get("text").and_then(Value::as_str),
+                ) {
+                    (Some("text"), Some(t)) => text.push_str(t),
+                    (kind, _) => {
+                        return Err(D::Error::custom(format!(
+                            "content part of type {} is not supported (text only)",
+                            kind.unwrap_or("?")
+                        )))
+                    }
+                }
+            }
+            Ok(text)
+        }
+        _ => Err(D::Error::custom(
+            "content must be a string or an array of text parts",
+        )),
+    }
 }
 
 /// `stream_options`.
@@ -246,4 +278,74 @@ pub fn usage_chunk(id: &str, created: u64, model: &str, chat: bool, usage: Value
         "id": id, "object": if chat { "chat.completion.chunk" } else { "text_completion" },
         "created": created, "model": model, "choices": [], "usage": usage,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn chat(v: Value) -> Result<ChatCompletionRequest, String> {
+        let r: ChatCompletionRequest = serde_json::from_value(v).map_err(|e| e.to_string())?;
+        r.validate()?;
+        Ok(r)
+    }
+
+    #[test]
+    fn content_may_be_a_string_null_or_text_parts() {
+        let r = chat(json!({"messages": [
+            {"role": "system", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hello, "}, {"type": "text", "text": "world"}]},
+            {"role": "assistant", "content": null},
+        ]}))
+        .unwrap();
+        let c: Vec<&str> = r.messages.iter().map(|m| m.content.as_str()).collect();
+        assert_eq!(c, ["Be brief.", "Hello, world", ""]);
+        let e = chat(json!({"messages": [{"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "x"}}]}]}))
+        .unwrap_err();
+        assert!(e.contains("image_url"), "{e}");
+        assert!(chat(json!({"messages": [{"role": "user", "content": 3}]})).is_err());
+    }
+
+    #[test]
+    fn unsupported_fields_are_refused() {
+        let m = json!([{"role": "user", "content": "hi"}]);
+        assert!(chat(json!({"messages": []}))
+            .unwrap_err()
+            .contains("messages"));
+        assert!(chat(json!({"messages": m, "n": 2}))
+            .unwrap_err()
+            .contains("n = 1"));
+        assert!(chat(json!({"messages": m, "stop": "x"}))
+            .unwrap_err()
+            .contains("stop"));
+        assert!(chat(json!({"messages": m, "stop": ["x"]})).is_err());
+        assert!(chat(json!({"messages": m, "stop": []})).is_ok());
+        assert!(chat(json!({"messages": m, "temperature": 2.5})).is_err());
+        assert!(chat(json!({"messages": m, "top_p": 0})).is_err());
+        assert!(chat(json!({"messages": m, "max_tokens": 0})).is_err());
+    }
+
+    #[test]
+    fn sampling_fields_map_to_generation_params() {
+        // Integers where floats are expected (as the openai package sends `temperature=0`).
+        let r = chat(json!({"messages": [{"role": "user", "content": "hi"}],
+            "temperature": 0, "top_p": 1, "max_completion_tokens": 5, "seed": 7,
+            "stream": true, "stream_options": {"include_usage": true}, "user": "ignored"}))
+        .unwrap();
+        let p = r.params();
+        assert_eq!(
+            (p.temperature, p.top_p, p.max_tokens, p.seed),
+            (0.0, 1.0, 5, 7)
+        );
+        assert!(p.parse_special && r.sampling.stream && r.include_usage());
+        let c: CompletionRequest =
+            serde_json::from_value(json!({"prompt": "<|im_start|>"})).unwrap();
+        c.validate().unwrap();
+        assert!(
+            !c.params().parse_special,
+            "a plaintext prompt's special-token text stays text"
+        );
+        assert_eq!(c.params().max_tokens, DEFAULT_MAX_TOKENS);
+    }
 }

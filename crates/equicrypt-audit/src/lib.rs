@@ -1,0 +1,34 @@
+//! equicrypt-audit: attacks a curious server can run, measured so that every security statement
+//! is backed by a number.
+//!
+//! Implemented so far:
+//! - **A1 weight matching** ([`weight_matching`]): with the *public* base weights, sort each
+//!   embedding row of the encrypted model and match it to the public row with the same sorted
+//!   values. Permutations of the hidden coordinates (inside 32-blocks or of whole blocks) keep every
+//!   row's multiset of values, so this recovers the vocabulary permutation.
+//!
+//! The attacks never read the key; scoring against the key happens in the caller.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+pub mod weight_matching;
+
+/// Errors of the attack lab.
+#[derive(Debug, thiserror::Error)]
+pub enum AuditError {
+    /// Reading a model failed.
+    #[error(transparent)]
+    Model(#[from] equicrypt_model::ModelError),
+    /// Dequantizing a tensor failed.
+    #[error("cannot dequantize '{name}': {reason}")]
+    Dequantize {
+        /// Tensor name.
+        name: String,
+        /// Why.
+        reason: String,
+    },
+    /// The two models cannot be compared.
+    #[error("models do not match: {0}")]
+    Mismatch(String),
+}
