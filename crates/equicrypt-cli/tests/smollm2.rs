@@ -2,46 +2,15 @@
 //! engine gives bit-identical logits and identical greedy answers (on a shortened text and three
 //! prompts, to keep CI fast; the README's full numbers come from `equicrypt verify` defaults).
 
-use std::path::PathBuf;
-use std::process::Command;
+mod support;
 
-fn smollm2() -> Option<PathBuf> {
-    let p = std::env::var("EQUICRYPT_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("EQUICRYPT_REQUIRE_MODELS").as_deref() != Ok("1"),
-        "{} is missing and EQUICRYPT_REQUIRE_MODELS=1",
-        p.display()
-    );
-    println!(
-        "SKIP: {} not found (run `equicrypt fetch-model smollm2`)",
-        p.display()
-    );
-    None
-}
-
-fn run(args: &[&std::ffi::OsStr]) -> String {
-    let o = Command::new(env!("CARGO_BIN_EXE_equicrypt"))
-        .args(args)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
+use support::run_ok as run;
 
 #[test]
 fn smollm2_encrypts_cleanly_and_is_bit_exact_in_our_engine() {
-    let Some(plain) = smollm2() else { return };
+    let Some(plain) = support::smollm2("smollm2_encrypts_cleanly") else {
+        return;
+    };
     let d = tempfile::tempdir().unwrap();
     let key = d.path().join("k.key");
     let enc = d.path().join("enc.gguf");

@@ -354,7 +354,7 @@ async fn chat_completions(
         prompt,
         params: req.params(),
         stream: req.sampling.stream,
-        include_usage: req.include_usage(),
+        include_usage: req.sampling.include_usage(),
         chat: true,
         model: st.model_id.clone(),
     };
@@ -370,7 +370,7 @@ async fn completions(
         prompt: req.prompt.clone(),
         params: req.params(),
         stream: req.sampling.stream,
-        include_usage: req.include_usage(),
+        include_usage: req.sampling.include_usage(),
         chat: false,
         model: st.model_id.clone(),
     };

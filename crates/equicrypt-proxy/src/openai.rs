@@ -92,6 +92,13 @@ pub struct Sampling {
 }
 
 impl Sampling {
+    /// Whether a final usage chunk was asked for (`stream_options.include_usage`).
+    pub fn include_usage(&self) -> bool {
+        self.stream_options
+            .as_ref()
+            .is_some_and(|o| o.include_usage)
+    }
+
     fn validate(&self) -> Result<(), String> {
         if self.n.is_some_and(|n| n != 1) {
             return Err("only n = 1 is supported".into());
@@ -161,14 +168,6 @@ impl ChatCompletionRequest {
     pub fn params(&self) -> GenerateParams {
         self.sampling.params(true)
     }
-
-    /// Whether a usage chunk was asked for.
-    pub fn include_usage(&self) -> bool {
-        self.sampling
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage)
-    }
 }
 
 /// `POST /v1/completions` request (plaintext prompt; the proxy tokenizes it).
@@ -193,14 +192,6 @@ impl CompletionRequest {
     /// Generation parameters (a plaintext prompt's special-token text stays text).
     pub fn params(&self) -> GenerateParams {
         self.sampling.params(false)
-    }
-
-    /// Whether a usage chunk was asked for.
-    pub fn include_usage(&self) -> bool {
-        self.sampling
-            .stream_options
-            .as_ref()
-            .is_some_and(|o| o.include_usage)
     }
 }
 
@@ -338,7 +329,7 @@ mod tests {
             (p.temperature, p.top_p, p.max_tokens, p.seed),
             (0.0, 1.0, 5, 7)
         );
-        assert!(p.parse_special && r.sampling.stream && r.include_usage());
+        assert!(p.parse_special && r.sampling.stream && r.sampling.include_usage());
         let c: CompletionRequest =
             serde_json::from_value(json!({"prompt": "<|im_start|>"})).unwrap();
         c.validate().unwrap();
