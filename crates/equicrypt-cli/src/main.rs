@@ -107,7 +107,7 @@ enum Command {
     Loadtest(loadtest::LoadtestArgs),
     /// Decode throughput direct vs through `serve` vs through `proxy` + `serve` (run with RAYON_NUM_THREADS=1).
     BenchServe(servebench::BenchServeArgs),
-    /// Fetch SmolLM2, make a key, encrypt, and generate: the first command to run.
+    /// Fetch SmolLM2, make a key, encrypt, serve it blind, chat through it: the first command to run.
     Demo {
         /// Models directory.
         #[arg(long, default_value = "models")]
