@@ -485,12 +485,7 @@ impl TokenStream {
         let resp = normalize(self.backend, v)?;
         if self.draining {
             if resp.stop {
-                self.queue.push_back(StreamEvent::Done {
-                    stop_type: StopType::Eos,
-                    timings: resp.timings,
-                    tokens_predicted: self.delivered,
-                });
-                self.done = true;
+                self.finish(StopType::Eos, resp.timings, self.delivered);
             }
             return Ok(());
         }
@@ -505,12 +500,7 @@ impl TokenStream {
                 self.draining = true;
                 return Ok(());
             }
-            self.queue.push_back(StreamEvent::Done {
-                stop_type: StopType::Eos,
-                timings: resp.timings,
-                tokens_predicted: self.delivered,
-            });
-            self.done = true;
+            self.finish(StopType::Eos, resp.timings, self.delivered);
             return Ok(());
         }
         if !resp.tokens.is_empty() {
@@ -518,14 +508,19 @@ impl TokenStream {
             self.queue.push_back(StreamEvent::Tokens(resp.tokens));
         }
         if resp.stop {
-            self.queue.push_back(StreamEvent::Done {
-                stop_type: resp.stop_type,
-                timings: resp.timings,
-                tokens_predicted: resp.tokens_predicted,
-            });
-            self.done = true;
+            self.finish(resp.stop_type, resp.timings, resp.tokens_predicted);
         }
         Ok(())
+    }
+
+    /// Queues the final event; nothing is read after it.
+    fn finish(&mut self, stop_type: StopType, timings: Option<Timings>, tokens_predicted: usize) {
+        self.queue.push_back(StreamEvent::Done {
+            stop_type,
+            timings,
+            tokens_predicted,
+        });
+        self.done = true;
     }
 }
 
