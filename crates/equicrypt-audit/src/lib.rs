@@ -12,6 +12,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+pub mod corpus;
+pub mod dense;
+pub mod frequency;
+pub mod functional;
+pub mod oracle;
+pub mod procrustes;
 pub mod weight_matching;
 
 /// Errors of the attack lab.
