@@ -37,4 +37,7 @@ pub enum AuditError {
     /// The two models cannot be compared.
     #[error("models do not match: {0}")]
     Mismatch(String),
+    /// The Procrustes (rotation) attack cannot run: bad options, or no anchor pairs found.
+    #[error("procrustes attack: {0}")]
+    Procrustes(String),
 }
