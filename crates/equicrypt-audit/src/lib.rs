@@ -37,4 +37,10 @@ pub enum AuditError {
     /// The two models cannot be compared.
     #[error("models do not match: {0}")]
     Mismatch(String),
+    /// A tensor computation failed.
+    #[error("computation failed: {0}")]
+    Compute(String),
+    /// An argument is out of range (token id, temperature, option).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
 }
