@@ -27,8 +27,11 @@
 //!
 //! **Search.** Candidates are sorted by their top-1 log-probability; the squared distance is at least
 //! the squared difference of first entries, so the nearest-two search scans outward from the target's
-//! place in that order and stops as soon as that bound exceeds the current second-best distance. It
-//! is exact (same result as brute force) and in practice visits a small fraction of the candidates.
+//! place in that order and stops as soon as that bound settles the decision: it exceeds the current
+//! second-best distance, or `d₁ / RATIO`, or the absolute bound while `d₁` is above it. Every accepted
+//! match and every accept/reject decision is the same as brute force; an accepted target visits only
+//! the few candidates within `2 d₁` of its top-1 log-probability (SmolLM2: 2048 targets against
+//! 49152 candidates match in about 10 ms, against 1.3 s when the truth is absent).
 
 use std::collections::HashSet;
 use std::time::Instant;
