@@ -40,4 +40,10 @@ pub enum AuditError {
     /// The Procrustes (rotation) attack cannot run: bad options, or no anchor pairs found.
     #[error("procrustes attack: {0}")]
     Procrustes(String),
+    /// A tensor computation failed.
+    #[error("computation failed: {0}")]
+    Compute(String),
+    /// An argument is out of range (token id, temperature, option).
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
 }
