@@ -37,4 +37,25 @@ pub enum AuditError {
     /// The two models cannot be compared.
     #[error("models do not match: {0}")]
     Mismatch(String),
+    /// A corpus file is missing or malformed.
+    #[error("corpus file {}: {reason}", path.display())]
+    Corpus {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A token id does not fit the vocabulary.
+    #[error("{what}: id {id} is outside the vocabulary of {vocab}")]
+    IdOutOfRange {
+        /// Where the id came from.
+        what: String,
+        /// The id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// Inputs or options an attack cannot use.
+    #[error("invalid input: {0}")]
+    InvalidInput(String),
 }
