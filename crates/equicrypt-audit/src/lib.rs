@@ -43,7 +43,25 @@ pub enum AuditError {
     /// A tensor computation failed.
     #[error("computation failed: {0}")]
     Compute(String),
-    /// An argument is out of range (token id, temperature, option).
+    /// A corpus file is missing or malformed.
+    #[error("corpus file {}: {reason}", path.display())]
+    Corpus {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A token id does not fit the vocabulary.
+    #[error("{what}: id {id} is outside the vocabulary of {vocab}")]
+    IdOutOfRange {
+        /// Where the id came from.
+        what: String,
+        /// The id.
+        id: u32,
+        /// The vocabulary size.
+        vocab: usize,
+    },
+    /// An argument is out of range or unusable (token id, temperature, option, budget).
     #[error("invalid input: {0}")]
     InvalidInput(String),
 }
