@@ -5,6 +5,7 @@ mod bench;
 mod fetch;
 mod keyfile;
 mod loadtest;
+mod rekey;
 mod remote_cmds;
 mod serve;
 mod servebench;
@@ -67,7 +68,12 @@ enum Command {
         /// Replace an existing output file.
         #[arg(long)]
         force: bool,
+        /// Store no BOS/EOS ids (clients then stop by themselves: chat --hide-stop-ids).
+        #[arg(long)]
+        hide_special_ids: bool,
     },
+    /// Re-key an encrypted model for one session (new vocabulary permutation, shared body).
+    Rekey(rekey::RekeyArgs),
     /// Show a GGUF's metadata, its key fingerprint and, for encrypted files, a leak check.
     Inspect {
         /// GGUF file.
@@ -144,6 +150,9 @@ struct GenerateArgs {
     /// Print the ciphertext ids the engine saw and produced.
     #[arg(long)]
     show_ciphertext: bool,
+    /// Session label of a model written by `rekey`.
+    #[arg(long)]
+    session: Option<String>,
     #[command(flatten)]
     sampling: SamplingArgs,
 }
@@ -223,12 +232,14 @@ fn run(cli: Cli) -> Result<()> {
             out,
             mode,
             force,
+            hide_special_ids,
         } => {
             let key = keyfile::read(&key)?;
             let opts = EncryptOptions {
                 mode: PermMode::parse(&mode)?,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),
                 overwrite: force,
+                hide_special_ids,
             };
             let r = encrypt_gguf(&key, &model, &out, &opts)?;
             println!(
@@ -241,6 +252,7 @@ fn run(cli: Cli) -> Result<()> {
                 r.fingerprint
             );
         }
+        Command::Rekey(a) => rekey::run(&a)?,
         Command::Inspect { file, json } => inspect_cmd(&file, json)?,
         Command::Generate(a) => generate_cmd(&a)?,
         Command::Verify(a) => verify::run(&a)?,
@@ -273,6 +285,8 @@ fn inspect_cmd(file: &Path, json: bool) -> Result<()> {
             "encrypted": i.encrypted.as_ref().map(|e| serde_json::json!({
                 "key_fingerprint": e.fingerprint.0, "mode": e.mode.as_str()})),
             "leaks": i.leaks,
+            "special_ids": i.special_ids.iter().map(|(k, v)| (k.clone(), *v)).collect::<std::collections::BTreeMap<_, _>>(),
+            "session": i.session,
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
         return Ok(());
@@ -295,7 +309,22 @@ fn inspect_cmd(file: &Path, json: bool) -> Result<()> {
                     println!("leak check:    LEAK: {l}");
                 }
             }
-            println!("reveals:       bos/eos ciphertext ids (needed by stock engines to stop), architecture hyper-parameters");
+            if i.special_ids.is_empty() {
+                println!("reveals:       architecture hyper-parameters (special ids hidden: stock llama.cpp assumes EOS = id 2; clients must stop themselves)");
+            } else {
+                let ids: Vec<String> = i
+                    .special_ids
+                    .iter()
+                    .map(|(k, v)| format!("{k} = {v}"))
+                    .collect();
+                println!(
+                    "reveals:       special ciphertext ids ({}), architecture hyper-parameters",
+                    ids.join(", ")
+                );
+            }
+            if let Some(s) = &i.session {
+                println!("session:       '{s}' (re-keyed vocabulary; clients need --session {s})");
+            }
         }
         None => println!("encrypted:     no"),
     }
@@ -308,8 +337,9 @@ fn inspect_cmd(file: &Path, json: bool) -> Result<()> {
 
 fn generate_cmd(a: &GenerateArgs) -> Result<()> {
     let key = keyfile::read(&a.key)?;
+    session::check_session(&a.model, a.session.as_deref())?;
     let mut engine = load_encrypted(&a.model, &key)?;
-    let client = ClientSide::load(&a.tokenizer, &key)?;
+    let client = ClientSide::load_session(&a.tokenizer, &key, a.session.as_deref())?;
     let text = client.prompt_text(&a.prompt, a.raw)?;
     let cipher_prompt = client.cipher.encrypt_prompt(&text, true)?;
     if a.show_ciphertext {

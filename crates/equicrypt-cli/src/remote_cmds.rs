@@ -48,6 +48,9 @@ pub struct RemoteArgs {
     /// Server kind.
     #[arg(long, value_enum, default_value = "equicrypt")]
     backend: BackendArg,
+    /// Session label of the served model (written by `rekey`): ids use the session permutation.
+    #[arg(long)]
+    session: Option<String>,
 }
 
 /// Arguments of `chat`.
@@ -67,6 +70,10 @@ pub struct ChatArgs {
     /// Print the ciphertext ids the server saw and produced.
     #[arg(long)]
     show_ciphertext: bool,
+    /// Send no stop ids (and ignore_eos): stop by watching the decrypted stream and dropping the
+    /// connection (for models encrypted with --hide-special-ids).
+    #[arg(long)]
+    hide_stop_ids: bool,
 }
 
 /// Arguments of `proxy`.
@@ -101,7 +108,7 @@ async fn connect(
 )> {
     let key = keyfile::read(&a.key)?;
     let fingerprint = key.fingerprint();
-    let client_side = ClientSide::load(&a.tokenizer, &key)?;
+    let client_side = ClientSide::load_session(&a.tokenizer, &key, a.session.as_deref())?;
     drop(key);
     let client = RemoteClient::new(&a.server, a.backend.into())?;
     let info = client
@@ -149,6 +156,7 @@ pub fn chat(a: &ChatArgs) -> Result<()> {
                 seed: a.seed,
                 parse_special: true,
                 render_special: false,
+                hide_stop_ids: a.hide_stop_ids,
                 ..GenerateParams::default()
             };
             let mut out = std::io::stdout();

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use equicrypt_client::{ChatMessage, ChatTemplate, CipherSession, GgufTokenizer};
-use equicrypt_core::SecretKey;
+use equicrypt_core::{SecretKey, VocabPermutation};
 use equicrypt_engine::LlamaModel;
 use equicrypt_model::{EncryptedModelInfo, GgufFile};
 
@@ -55,6 +55,16 @@ pub struct ClientSide {
 impl ClientSide {
     /// Builds the client side from the plaintext GGUF at `tokenizer_path`.
     pub fn load(tokenizer_path: &Path, key: &SecretKey) -> Result<Self> {
+        Self::load_session(tokenizer_path, key, None)
+    }
+
+    /// Like [`ClientSide::load`]; with a session label, ids are encrypted with the session's
+    /// composed permutation `σ_s ∘ π` (for a model written by `equicrypt rekey`).
+    pub fn load_session(
+        tokenizer_path: &Path,
+        key: &SecretKey,
+        session: Option<&str>,
+    ) -> Result<Self> {
         let f = GgufFile::open(tokenizer_path)?;
         if equicrypt_model::is_encrypted(&f) {
             anyhow::bail!(
@@ -65,10 +75,14 @@ impl ClientSide {
         let tok = GgufTokenizer::from_content(&f.content)
             .with_context(|| format!("{}: cannot build the tokenizer", tokenizer_path.display()))?;
         let template = ChatTemplate::from_content(&f.content).ok();
-        Ok(Self {
-            cipher: CipherSession::from_key(tok, key),
-            template,
-        })
+        let cipher = match session {
+            None => CipherSession::from_key(tok, key),
+            Some(label) => {
+                let perm = VocabPermutation::derive_session(key, label, tok.vocab_size())?;
+                CipherSession::new(tok, perm)?
+            }
+        };
+        Ok(Self { cipher, template })
     }
 
     /// The text to tokenize for `prompt`: the chat template applied to one user turn, or the raw
@@ -78,5 +92,28 @@ impl ClientSide {
             (Some(t), false) => Ok(t.render(&[ChatMessage::new("user", prompt)], true)?),
             _ => Ok(prompt.to_string()),
         }
+    }
+}
+
+/// Errors unless the model at `path` is the session model of `session` (or, with `None`, not a
+/// session model): the wrong permutation would turn every id into a different token.
+pub fn check_session(path: &Path, session: Option<&str>) -> Result<()> {
+    let f = GgufFile::open(path)?;
+    let have = equicrypt_model::rekey::session_label(&f);
+    match (have.as_deref(), session) {
+        (Some(a), Some(b)) if a == b => Ok(()),
+        (None, None) => Ok(()),
+        (Some(a), None) => anyhow::bail!(
+            "{} is the session model of '{a}': pass --session {a}",
+            path.display()
+        ),
+        (None, Some(b)) => anyhow::bail!(
+            "{} is not a session model, but --session {b} was given (re-key it with `equicrypt rekey`)",
+            path.display()
+        ),
+        (Some(a), Some(b)) => anyhow::bail!(
+            "{} is the session model of '{a}', not of '{b}'",
+            path.display()
+        ),
     }
 }

@@ -14,8 +14,8 @@ mod permutation;
 
 pub use key::{KeyFingerprint, SecretKey, KEY_FILE_HEADER};
 pub use llama::{
-    LayerTransforms, LlamaPlan, LlamaShape, PermMode, ResidualPermutation, TensorTransform,
-    VocabPermutation, QUANT_BLOCK,
+    validate_session_label, LayerTransforms, LlamaPlan, LlamaShape, PermMode, ResidualPermutation,
+    TensorTransform, VocabPermutation, MAX_SESSION_LABEL, QUANT_BLOCK,
 };
 pub use permutation::Permutation;
 
@@ -43,6 +43,9 @@ pub enum CoreError {
     /// An unknown encryption mode name.
     #[error("unknown encryption mode '{0}' (expected perm-exact or perm-full)")]
     UnknownMode(String),
+    /// A session label that is empty, too long, or holds characters other than printable ASCII.
+    #[error("invalid session label: {0}")]
+    InvalidSessionLabel(String),
     /// A token id outside the vocabulary.
     #[error("token id {id} is outside the vocabulary (size {vocab})")]
     TokenOutOfRange {

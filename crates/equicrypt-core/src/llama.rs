@@ -111,6 +111,31 @@ impl PermMode {
     }
 }
 
+/// Longest session label, in bytes.
+pub const MAX_SESSION_LABEL: usize = 64;
+
+/// Checks a session label: 1 to [`MAX_SESSION_LABEL`] bytes of printable ASCII without spaces
+/// (`!` to `~`). Labels are not secret (the derivation is keyed by the secret key), but they are
+/// stored in session model files: do not put private information into them.
+pub fn validate_session_label(label: &str) -> Result<(), CoreError> {
+    let bad = |m: String| Err(CoreError::InvalidSessionLabel(m));
+    if label.is_empty() {
+        return bad("the label is empty".into());
+    }
+    if label.len() > MAX_SESSION_LABEL {
+        return bad(format!(
+            "the label has {} bytes, at most {MAX_SESSION_LABEL} are allowed",
+            label.len()
+        ));
+    }
+    if let Some(c) = label.chars().find(|c| !c.is_ascii_graphic()) {
+        return bad(format!(
+            "character {c:?} is not allowed (printable ASCII without spaces only)"
+        ));
+    }
+    Ok(())
+}
+
 /// The vocabulary permutation: plaintext token id ↦ ciphertext token id.
 #[derive(Clone, Debug)]
 pub struct VocabPermutation(pub Permutation);
@@ -119,6 +144,31 @@ impl VocabPermutation {
     /// Derives the vocabulary permutation of a key.
     pub fn derive(key: &SecretKey, vocab: usize) -> Self {
         Self(Permutation::random(vocab, &mut key.stream("vocab")))
+    }
+
+    /// The per-session re-keying σ_s of session `label`: file ciphertext id ↦ session ciphertext
+    /// id. Drawn with [`Permutation::random`] from the stream of derivation label
+    /// `"session/{label}/vocab"` (full domain string `"equicrypt/v1/session/{label}/vocab"`;
+    /// no other purpose label starts with `session/`, and the map from `label` to the string is
+    /// injective). Errors on an invalid label (see [`validate_session_label`]).
+    pub fn derive_session_rekey(
+        key: &SecretKey,
+        label: &str,
+        vocab: usize,
+    ) -> Result<Permutation, CoreError> {
+        validate_session_label(label)?;
+        Ok(Permutation::random(
+            vocab,
+            &mut key.stream(&format!("session/{label}/vocab")),
+        ))
+    }
+
+    /// The composed permutation of session `label`: plaintext id `p` ↦ `σ_s(π(p))`, the ids a
+    /// session model (written by `equicrypt rekey`) reads and writes.
+    pub fn derive_session(key: &SecretKey, label: &str, vocab: usize) -> Result<Self, CoreError> {
+        let sigma = Self::derive_session_rekey(key, label, vocab)?;
+        let pi = Self::derive(key, vocab);
+        Ok(Self(sigma.after(&pi.0)))
     }
 
     /// Plaintext id → ciphertext id. Errors on ids outside the vocabulary.
@@ -481,6 +531,53 @@ mod tests {
         s.d_model = 100;
         assert!(LlamaPlan::derive(&key(6), s, PermMode::Exact).is_err());
     }
+
+    #[test]
+    fn session_permutation_composes_and_validates_labels() {
+        let k = key(8);
+        let pi = VocabPermutation::derive(&k, 50);
+        let sigma = VocabPermutation::derive_session_rekey(&k, "alice", 50).unwrap();
+        let s = VocabPermutation::derive_session(&k, "alice", 50).unwrap();
+        for p in 0..50u32 {
+            assert_eq!(s.encrypt_id(p).unwrap(), sigma.apply(pi.0.apply(p)));
+            assert_eq!(s.decrypt_id(s.encrypt_id(p).unwrap()).unwrap(), p);
+        }
+        let bob = VocabPermutation::derive_session(&k, "bob", 50).unwrap();
+        assert_ne!(s.0, bob.0, "labels must separate sessions");
+        assert_ne!(s.0, pi.0);
+        for bad in [
+            "",
+            "has space",
+            "tab\t",
+            "ünï",
+            &"x".repeat(MAX_SESSION_LABEL + 1),
+        ] {
+            let e = VocabPermutation::derive_session(&k, bad, 50).unwrap_err();
+            assert!(
+                matches!(e, CoreError::InvalidSessionLabel(_)),
+                "{bad:?}: {e}"
+            );
+        }
+        assert!(VocabPermutation::derive_session(&k, &"x".repeat(MAX_SESSION_LABEL), 50).is_ok());
+        assert!(VocabPermutation::derive_session(&k, "user-7/2025:a@b", 50).is_ok());
+    }
+
+    /// Golden vectors of the session derivation: part of the key format, must never change.
+    #[test]
+    fn golden_session_permutation() {
+        let mut b = [0u8; 32];
+        for (i, v) in b.iter_mut().enumerate() {
+            *v = i as u8;
+        }
+        let k = SecretKey::from_bytes(b);
+        let sigma = VocabPermutation::derive_session_rekey(&k, "s1", 12).unwrap();
+        assert_eq!(sigma.forward(), GOLDEN_SESSION_S1_12);
+        let s = VocabPermutation::derive_session(&k, "s1", 12).unwrap();
+        assert_eq!(s.0.forward(), GOLDEN_SESSION_S1_COMPOSED_12);
+    }
+
+    const GOLDEN_SESSION_S1_12: &[u32] = &[6, 5, 11, 0, 4, 1, 3, 9, 8, 2, 10, 7];
+    const GOLDEN_SESSION_S1_COMPOSED_12: &[u32] = &[3, 5, 8, 1, 7, 6, 2, 10, 11, 9, 0, 4];
 
     #[test]
     fn vocab_ids_roundtrip_and_range_check() {

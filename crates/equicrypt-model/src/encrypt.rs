@@ -6,6 +6,24 @@
 //! tokens normal), and `bos_token_id` / `eos_token_id` hold *ciphertext* ids so the engine stops
 //! at the real end of generation. Storing them tells the server which ciphertext ids are BOS and
 //! EOS; nothing else about the vocabulary is stored (no token strings, merges or chat template).
+//!
+//! # Hidden special ids
+//!
+//! With [`EncryptOptions::hide_special_ids`] the file stores no `bos_token_id` / `eos_token_id`
+//! and sets [`META_SPECIAL_IDS_HIDDEN`] (not secret). Our server then knows no EOS and stops only
+//! at the request's `stop_ids`; the client can send none and stop itself (see
+//! `equicrypt_client::remote::GenerateParams::hide_stop_ids`). Stock llama.cpp fills in its own
+//! defaults for a `"llama"` (SentencePiece) tokenizer without those keys: BOS = id 1, EOS = id 2
+//! (unknown = 0), and treats ciphertext id 2 as end of generation. A client of llama-server must
+//! therefore send `ignore_eos: true`, which makes llama-server add a −∞ logit bias to id 2: the
+//! plaintext token that happens to encrypt to id 2 can then never be generated (greedy output
+//! changes only where that token would have been the argmax).
+//!
+//! What this hides and what it does not: the file and the requests no longer name the EOS/BOS
+//! ciphertext ids, but the server still sees every stream end right after the EOS id (the client
+//! disconnects there), and chat-template tokens (`<|im_start|>`, `<|im_end|>`, role names) sit at
+//! fixed positions of every prompt, so traffic alone may identify them; the attack lab measures
+//! how well.
 
 use std::path::Path;
 use std::time::Instant;
@@ -23,6 +41,8 @@ pub const META_VERSION: &str = "equicrypt.format_version";
 pub const META_FINGERPRINT: &str = "equicrypt.key_fingerprint";
 /// Metadata key holding the encryption mode.
 pub const META_MODE: &str = "equicrypt.mode";
+/// Metadata key set to `true` when the file stores no BOS/EOS ids ([`EncryptOptions::hide_special_ids`]).
+pub const META_SPECIAL_IDS_HIDDEN: &str = "equicrypt.special_ids_hidden";
 /// Current encrypted-model format version.
 pub const FORMAT_VERSION: u32 = 1;
 
@@ -40,6 +60,8 @@ pub struct EncryptOptions {
     pub progress: bool,
     /// Replace an existing output file.
     pub overwrite: bool,
+    /// Store no BOS/EOS ids (see the module docs for what stock llama.cpp then assumes).
+    pub hide_special_ids: bool,
 }
 
 /// What [`encrypt_gguf`] did.
@@ -139,6 +161,7 @@ fn encrypted_metadata(
     plain: &GgufFile,
     plan: &LlamaPlan,
     key: &SecretKey,
+    hide_special_ids: bool,
 ) -> Result<Vec<(String, Value)>, ModelError> {
     let mut kept: Vec<(String, Value)> = plain
         .content
@@ -193,11 +216,15 @@ fn encrypted_metadata(
     ));
     meta.push(("tokenizer.ggml.add_bos_token".into(), Value::Bool(false)));
     meta.push(("tokenizer.ggml.add_eos_token".into(), Value::Bool(false)));
-    if let Some(b) = bos {
-        meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
-    }
-    if let Some(e) = eos {
-        meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+    if hide_special_ids {
+        meta.push((META_SPECIAL_IDS_HIDDEN.into(), Value::Bool(true)));
+    } else {
+        if let Some(b) = bos {
+            meta.push(("tokenizer.ggml.bos_token_id".into(), Value::U32(b)));
+        }
+        if let Some(e) = eos {
+            meta.push(("tokenizer.ggml.eos_token_id".into(), Value::U32(e)));
+        }
     }
     meta.push((META_VERSION.into(), Value::U32(FORMAT_VERSION)));
     meta.push((META_MODE.into(), Value::String(plan.mode.as_str().into())));
@@ -252,7 +279,7 @@ pub fn encrypt_gguf(
             size: t.size,
         })
         .collect();
-    let meta = encrypted_metadata(&plain, &plan, key)?;
+    let meta = encrypted_metadata(&plain, &plan, key, opts.hide_special_ids)?;
     let mut writer = GgufWriter::create(output, &meta, headers)?;
 
     let total: u64 = jobs.iter().map(|(t, _)| t.size).sum();

@@ -22,6 +22,10 @@ pub struct Inspection {
     pub encrypted: Option<EncryptedModelInfo>,
     /// Findings of the leak check (empty = nothing found). Only meaningful for encrypted files.
     pub leaks: Vec<String>,
+    /// Special-token ids named in the metadata ([`revealed_special_ids`]); empty when hidden.
+    pub special_ids: Vec<(String, u64)>,
+    /// `equicrypt.session` of a re-keyed session model.
+    pub session: Option<String>,
 }
 
 fn render(v: &Value) -> String {
@@ -74,6 +78,8 @@ pub fn inspect(f: &GgufFile) -> Inspection {
         metadata,
         encrypted,
         leaks,
+        special_ids: revealed_special_ids(f),
+        session: crate::rekey::session_label(f),
     }
 }
 
@@ -119,4 +125,21 @@ pub fn leak_check(f: &GgufFile) -> Vec<String> {
         }
     }
     found
+}
+
+/// Which special-token ids an encrypted file names in its metadata (ciphertext ids of an
+/// encrypted file): `(metadata key, id)` pairs; empty when they are hidden
+/// (`encrypt --hide-special-ids`).
+pub fn revealed_special_ids(f: &GgufFile) -> Vec<(String, u64)> {
+    [
+        "tokenizer.ggml.bos_token_id",
+        "tokenizer.ggml.eos_token_id",
+        "tokenizer.ggml.unknown_token_id",
+        "tokenizer.ggml.padding_token_id",
+        "tokenizer.ggml.seperator_token_id",
+        "tokenizer.ggml.eot_token_id",
+    ]
+    .iter()
+    .filter_map(|k| f.meta_u64(k).ok().map(|v| (k.to_string(), v)))
+    .collect()
 }

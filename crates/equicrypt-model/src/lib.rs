@@ -11,6 +11,7 @@ pub mod encrypt;
 pub mod gguf;
 pub mod inspect;
 pub mod quant;
+pub mod rekey;
 pub mod synthetic;
 
 pub use encrypt::{
@@ -18,6 +19,7 @@ pub use encrypt::{
     EncryptedModelInfo,
 };
 pub use gguf::{GgufFile, GgufWriter, TensorEntry, TensorHeader};
+pub use rekey::{rekey_gguf, session_tables, BaseVocabTables, RekeyReport, SessionTables};
 
 use std::path::Path;
 
@@ -58,6 +60,14 @@ pub enum ModelError {
     /// The input is already an encrypted model.
     #[error("{0} is already an encrypted model")]
     AlreadyEncrypted(String),
+    /// The input is a session model already (re-keying does not compose across sessions).
+    #[error("{path} is already the session model of '{session}': re-key the base encrypted model instead (a second re-key would give a permutation no session label derives)")]
+    AlreadyRekeyed {
+        /// The file.
+        path: String,
+        /// Its session label.
+        session: String,
+    },
     /// The file is not an encrypted model.
     #[error("{0} is not an equicrypt-encrypted model (no key fingerprint in its metadata)")]
     NotEncrypted(String),

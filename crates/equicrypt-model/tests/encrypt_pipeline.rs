@@ -260,3 +260,41 @@ fn unsupported_architecture_is_named() {
     );
     assert!(!out.exists());
 }
+
+#[test]
+fn hidden_special_ids_are_not_stored_and_inspect_says_so() {
+    use equicrypt_model::encrypt::META_SPECIAL_IDS_HIDDEN;
+    use equicrypt_model::inspect::{inspect, revealed_special_ids};
+    let dir = tempfile::tempdir().unwrap();
+    let (p, a, b) = (
+        dir.path().join("p.gguf"),
+        dir.path().join("a.gguf"),
+        dir.path().join("b.gguf"),
+    );
+    q41_model(9).write(&p).unwrap();
+    let key = SecretKey::from_bytes([9; 32]);
+    encrypt_gguf(&key, &p, &a, &EncryptOptions::default()).unwrap();
+    let hidden = EncryptOptions {
+        hide_special_ids: true,
+        ..Default::default()
+    };
+    encrypt_gguf(&key, &p, &b, &hidden).unwrap();
+    let (fa, fb) = (GgufFile::open(&a).unwrap(), GgufFile::open(&b).unwrap());
+    assert_eq!(revealed_special_ids(&fa).len(), 2);
+    assert!(revealed_special_ids(&fb).is_empty());
+    assert!(fb.meta("tokenizer.ggml.eos_token_id").is_none());
+    assert!(fb.meta("tokenizer.ggml.bos_token_id").is_none());
+    assert!(matches!(
+        fb.meta(META_SPECIAL_IDS_HIDDEN),
+        Some(candle_core::quantized::gguf_file::Value::Bool(true))
+    ));
+    assert!(leak_check(&fb).is_empty());
+    assert!(inspect(&fb).special_ids.is_empty());
+    assert_eq!(inspect(&fa).special_ids.len(), 2);
+    // Same tensors either way.
+    let (mut fa, mut fb) = (fa, fb);
+    for t in fa.tensors.clone() {
+        let tb = fb.tensor(&t.name).unwrap().clone();
+        assert_eq!(fa.read_tensor(&t).unwrap(), fb.read_tensor(&tb).unwrap());
+    }
+}

@@ -46,6 +46,10 @@ pub struct CompletionRequest {
     /// file declares one, always stops generation too.
     #[serde(default)]
     pub stop_ids: Vec<u32>,
+    /// Do not stop at the model's EOS (only at `stop_ids`). Clients that stop the stream
+    /// themselves send this with no `stop_ids` (llama-server: also bans the EOS id from sampling).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ignore_eos: bool,
     /// Stream the tokens as server-sent events.
     #[serde(default)]
     pub stream: bool,

@@ -186,6 +186,8 @@ struct GenSpec {
     n_predict: Option<i64>,
     params: SamplingParams,
     stop_ids: Vec<u32>,
+    /// Do not add the model's EOS to the stop ids.
+    ignore_eos: bool,
     n_probs: usize,
 }
 
@@ -246,7 +248,12 @@ fn validate(state: &AppState, spec: GenSpec) -> Result<Valid, ApiError> {
             }
         }
     }
-    if let Some(slot) = s.meta.eos_id.and_then(|e| stop.get_mut(e as usize)) {
+    if let Some(slot) = s
+        .meta
+        .eos_id
+        .filter(|_| !spec.ignore_eos)
+        .and_then(|e| stop.get_mut(e as usize))
+    {
         *slot = true;
     }
     let max_probs = s.limits.max_n_probs.min(vocab);
@@ -397,6 +404,7 @@ async fn completion(
             seed: req.seed,
         },
         stop_ids: req.stop_ids,
+        ignore_eos: req.ignore_eos,
         n_probs: req.n_probs,
     };
     let (rx, prompt_n) = submit(&state, spec).await?;
@@ -503,6 +511,7 @@ async fn openai_completions(
             seed: req.seed.unwrap_or(0),
         },
         stop_ids: req.stop_ids,
+        ignore_eos: false,
         n_probs: 0,
     };
     let (rx, prompt_n) = submit(&state, spec).await?;

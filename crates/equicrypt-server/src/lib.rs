@@ -26,7 +26,9 @@
 //!   full, with `stop_type: "limit"` (`finish_reason: "length"`), like llama.cpp.
 //! - A sampled stop id or the model's EOS (GGUF `tokenizer.ggml.eos_token_id`, a ciphertext id in an
 //!   encrypted file) ends generation with `stop_type: "eos"` / `finish_reason: "stop"` and is not
-//!   returned.
+//!   returned. `ignore_eos: true` leaves the EOS out (only `stop_ids` stop): for clients that
+//!   send no stop ids and stop the stream themselves; a file written with
+//!   `encrypt --hide-special-ids` has no EOS at all.
 //! - The ids are exactly those of [`equicrypt_engine::generate`] with the same parameters and
 //!   `stop_ids` plus EOS.
 //! - `n_probs`: the top alternatives come from a log-softmax of the *sampling* logits (after the

@@ -33,6 +33,20 @@
 //! none, the check fails with [`ClientError::FingerprintUnavailable`] unless the client was built
 //! with [`RemoteClient::allow_unverified_fingerprint`].
 //!
+//! # Hidden stop ids
+//!
+//! With [`GenerateParams::hide_stop_ids`] the request carries no `stop_ids` and sets
+//! `ignore_eos: true` (pair it with a model written by `equicrypt encrypt --hide-special-ids`,
+//! which stores no EOS id); the client watches the decrypted stream and drops the connection when
+//! an end-of-generation id arrives, which makes the server cancel the job. Text and ids are those
+//! of the normal path; the server wastes the tokens it generates before it notices the
+//! disconnect. This keeps the EOS ids out of the request bodies and the model file, but the
+//! server still sees every stream end right after the EOS id (it observes the disconnect), and
+//! chat-template tokens sit at fixed positions of every prompt; the attack lab measures how well
+//! traffic alone identifies them. With llama-server, `ignore_eos` also puts a −∞ logit bias on
+//! the ids it takes as end of generation (id 2 by default when the file names no EOS): that
+//! ciphertext id can then never be generated.
+//!
 //! Invariants: no method panics on anything a server sends; transport failures, non-2xx answers
 //! and malformed bodies or event streams are distinct [`ClientError`] variants.
 
@@ -249,6 +263,17 @@ impl RemoteClient {
     /// the connection. The EOS id is read once per client from `GET /props` (`eos_token`, the
     /// placeholder `<ct{id}>` of the encrypted vocabulary).
     pub async fn complete_stream(&self, req: &CompletionRequest) -> Result<TokenStream> {
+        self.complete_stream_stopping_at(req, &req.stop_ids).await
+    }
+
+    /// Like [`RemoteClient::complete_stream`], but the stream stops itself at `stop_ids`, which
+    /// need not be in `req` (the server is not told them: hidden stop ids). When one arrives the
+    /// stream ends with [`StopType::Eos`] and the connection is dropped, cancelling the job.
+    pub async fn complete_stream_stopping_at(
+        &self,
+        req: &CompletionRequest,
+        stop_ids: &[u32],
+    ) -> Result<TokenStream> {
         let server_eos = match self.backend {
             Backend::Equicrypt => None,
             Backend::LlamaCpp => self.llamacpp_eos().await,
@@ -259,7 +284,7 @@ impl RemoteClient {
             .bytes_stream()
             .map(move |r| r.map(|b| b.to_vec()).map_err(|e| transport(&url, &e)))
             .boxed();
-        let mut ts = TokenStream::new(body, self.backend, &req.stop_ids);
+        let mut ts = TokenStream::new(body, self.backend, stop_ids);
         ts.server_eos = server_eos;
         Ok(ts)
     }
@@ -546,6 +571,9 @@ pub struct GenerateParams {
     pub parse_special: bool,
     /// Render control tokens in the decrypted text.
     pub render_special: bool,
+    /// Send no stop ids (and `ignore_eos: true`); stop by watching the decrypted stream and
+    /// dropping the connection instead (see the module docs, "Hidden stop ids").
+    pub hide_stop_ids: bool,
 }
 
 impl Default for GenerateParams {
@@ -561,6 +589,7 @@ impl Default for GenerateParams {
             repeat_last_n: 64,
             parse_special: true,
             render_special: false,
+            hide_stop_ids: false,
         }
     }
 }
@@ -616,7 +645,8 @@ impl<'a> BlindChat<'a> {
     /// completion, and calls `on_text(piece, cipher_ids)` for every server event with the
     /// plaintext that became complete (possibly empty: UTF-8 is buffered) and that event's
     /// ciphertext ids; a final flush of buffered bytes comes with no ids. The session's
-    /// end-of-generation ids are the stop ids.
+    /// end-of-generation ids are the stop ids: sent to the server, or with
+    /// [`GenerateParams::hide_stop_ids`] only watched for here.
     pub async fn generate(
         &self,
         prompt_text: &str,
@@ -626,6 +656,7 @@ impl<'a> BlindChat<'a> {
         let prompt_cipher_ids = self
             .session
             .encrypt_prompt(prompt_text, params.parse_special)?;
+        let eog = self.session.eog_cipher_ids()?;
         let req = CompletionRequest {
             prompt: prompt_cipher_ids.clone(),
             n_predict: i64::try_from(params.max_tokens).unwrap_or(i64::MAX),
@@ -635,13 +666,18 @@ impl<'a> BlindChat<'a> {
             seed: params.seed,
             repeat_penalty: params.repeat_penalty,
             repeat_last_n: params.repeat_last_n,
-            stop_ids: self.session.eog_cipher_ids()?,
+            stop_ids: if params.hide_stop_ids {
+                Vec::new()
+            } else {
+                eog.clone()
+            },
+            ignore_eos: params.hide_stop_ids,
             stream: true,
             n_probs: 0,
             return_tokens: Some(true),
             cache_prompt: None,
         };
-        let mut stream = self.client.complete_stream(&req).await?;
+        let mut stream = self.client.complete_stream_stopping_at(&req, &eog).await?;
         let mut dec = self.session.decrypt_stream(params.render_special);
         let mut out = BlindOutput {
             text: String::new(),
@@ -695,6 +731,8 @@ struct LlamaCppRequest<'a> {
     seed: u32,
     repeat_penalty: f32,
     repeat_last_n: usize,
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    ignore_eos: bool,
     stream: bool,
     return_tokens: bool,
     n_probs: usize,
@@ -713,6 +751,7 @@ impl<'a> LlamaCppRequest<'a> {
             seed: llamacpp_seed(r.seed),
             repeat_penalty: r.repeat_penalty,
             repeat_last_n: r.repeat_last_n,
+            ignore_eos: r.ignore_eos,
             stream,
             return_tokens: true,
             n_probs: r.n_probs,

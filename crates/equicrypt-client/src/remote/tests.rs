@@ -367,6 +367,11 @@ fn llamacpp_request_shape_and_seed() {
     assert_eq!(v["seed"], 4294967294u64);
     assert!(v.get("stop_ids").is_none());
     assert!(v.get("cache_prompt").is_none());
+    assert!(v.get("ignore_eos").is_none());
+    let hidden: CompletionRequest =
+        serde_json::from_str(r#"{"prompt":[3],"ignore_eos":true}"#).unwrap();
+    let v = serde_json::to_value(LlamaCppRequest::new(&hidden, true)).unwrap();
+    assert_eq!(v["ignore_eos"], true);
     assert_eq!(llamacpp_seed(1 << 32 | 5), 5);
     assert_eq!(llamacpp_seed(7), 7);
 }
