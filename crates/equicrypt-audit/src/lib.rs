@@ -1,11 +1,19 @@
 //! equicrypt-audit: attacks a curious server can run, measured so that every security statement
 //! is backed by a number.
 //!
-//! Implemented so far:
+//! Each attack is a module with tests on tiny models where the answer is known:
 //! - **A1 weight matching** ([`weight_matching`]): with the *public* base weights, sort each
 //!   embedding row of the encrypted model and match it to the public row with the same sorted
 //!   values. Permutations of the hidden coordinates (inside 32-blocks or of whole blocks) keep every
-//!   row's multiset of values, so this recovers the vocabulary permutation.
+//!   row's multiset of values, so this recovers the vocabulary permutation. [`procrustes`] is the
+//!   same attacker against a (simulated) rotation of the hidden space.
+//! - **A2 functional fingerprint** ([`functional`], on the batched f32 model [`dense`]): match
+//!   sorted next-token distributions of single tokens, black box.
+//! - **A3 ciphertext only** ([`frequency`], public text from [`corpus`]): frequency ranking plus
+//!   bigram hill-climbing over intercepted id streams.
+//! - **A4 model as oracle** ([`oracle`]): sample ciphertext text from the encrypted model, then A3.
+//!
+//! [`score`] measures a guess against the truth.
 //!
 //! The attacks never read the key; scoring against the key happens in the caller.
 
@@ -18,6 +26,7 @@ pub mod frequency;
 pub mod functional;
 pub mod oracle;
 pub mod procrustes;
+pub mod score;
 pub mod weight_matching;
 
 /// Errors of the attack lab.

