@@ -6,7 +6,8 @@
 //! - **vocabulary recovered**: correct ids ÷ vocabulary size (every id counts once);
 //! - **tokens recovered**: over a held-out sequence of plaintext tokens, the fraction whose
 //!   ciphertext id the guess decrypts correctly — frequent tokens weigh more, so this is how much
-//!   of real text a server reads;
+//!   of real text a server reads. It is given for the held-out prompts (chat turns, template
+//!   tokens included) and for held-out plain text alone (what the user wrote);
 //! - **by frequency rank**: vocabulary recovered inside buckets of public-frequency rank.
 
 use serde::Serialize;
@@ -98,6 +99,8 @@ pub struct Score {
     pub tokens_recovered: f64,
     /// Number of held-out tokens.
     pub held_out_tokens: usize,
+    /// Fraction of the held-out plain-text tokens (no template) decrypted correctly.
+    pub text_tokens_recovered: f64,
     /// Vocabulary recovered by bucket of public-frequency rank.
     pub by_rank: Vec<RankBucket>,
 }
@@ -117,12 +120,13 @@ pub const RANK_EDGES: [usize; 10] = [
 ];
 
 /// Scores `guess` (indexed by ciphertext id) against `truth`. `held_out` are plaintext ids of real
-/// text; `rank_order` lists plaintext ids from most to least frequent in public text (ids missing
+/// prompts, `held_out_text` of real text without any template; `rank_order` lists plaintext ids from most to least frequent in public text (ids missing
 /// from it are ranked after it, in id order).
 pub fn score(
     guess: &[Option<u32>],
     truth: &Truth,
     held_out: &[u32],
+    held_out_text: &[u32],
     rank_order: &[u32],
 ) -> Result<Score, AuditError> {
     let n = truth.vocab();
@@ -135,15 +139,16 @@ pub fn score(
     let right = |c: usize| guess[c] == Some(truth.plain_of(c as u32));
     let guessed = guess.iter().filter(|g| g.is_some()).count();
     let correct = (0..n).filter(|&c| right(c)).count();
-    let mut tok_ok = 0usize;
-    for &p in held_out {
-        let c = *truth.cipher_of.get(p as usize).ok_or_else(|| {
-            AuditError::Mismatch(format!("held-out token {p} is outside the vocabulary"))
-        })?;
-        if right(c as usize) {
-            tok_ok += 1;
+    let tokens_ok = |ids: &[u32]| -> Result<f64, AuditError> {
+        let mut ok = 0usize;
+        for &p in ids {
+            let c = *truth.cipher_of.get(p as usize).ok_or_else(|| {
+                AuditError::Mismatch(format!("held-out token {p} is outside the vocabulary"))
+            })?;
+            ok += usize::from(right(c as usize));
         }
-    }
+        Ok(ok as f64 / ids.len().max(1) as f64)
+    };
     // Full ranking: the public order, then every id it does not name.
     let mut seen = vec![false; n];
     let mut order: Vec<u32> = Vec::with_capacity(n);
@@ -181,8 +186,9 @@ pub fn score(
         } else {
             correct as f64 / guessed as f64
         },
-        tokens_recovered: tok_ok as f64 / held_out.len().max(1) as f64,
+        tokens_recovered: tokens_ok(held_out)?,
         held_out_tokens: held_out.len(),
+        text_tokens_recovered: tokens_ok(held_out_text)?,
         by_rank,
     })
 }
@@ -198,11 +204,12 @@ mod tests {
         assert_eq!(truth.plain_of(0), 3);
         // Right about ciphertext 1 (plain 0) and 2 (plain 1); wrong about 3.
         let guess = vec![None, Some(0), Some(1), Some(3)];
-        let s = score(&guess, &truth, &[0, 0, 0, 2], &[0, 2]).unwrap();
+        let s = score(&guess, &truth, &[0, 0, 0, 2], &[3], &[0, 2]).unwrap();
         assert_eq!((s.guessed, s.correct), (3, 2));
         assert_eq!(s.vocab_recovered, 0.5);
         assert!((s.precision - 2.0 / 3.0).abs() < 1e-12);
         assert_eq!(s.tokens_recovered, 0.75);
+        assert_eq!(s.text_tokens_recovered, 0.0);
         // Ranking 0, 2, then 1, 3: only the first bucket (ranks 0..4) exists.
         assert_eq!(s.by_rank.len(), 1);
         assert_eq!(s.by_rank[0].recovered, 0.5);
@@ -213,8 +220,9 @@ mod tests {
         assert!(Truth::new(vec![0, 0]).is_err());
         assert!(Truth::new(vec![0, 5]).is_err());
         let truth = Truth::new(vec![0, 1]).unwrap();
-        assert!(score(&[None], &truth, &[], &[]).is_err());
-        assert!(score(&[None, None], &truth, &[7], &[]).is_err());
+        assert!(score(&[None], &truth, &[], &[], &[]).is_err());
+        assert!(score(&[None, None], &truth, &[7], &[], &[]).is_err());
+        assert!(score(&[None, None], &truth, &[], &[7], &[]).is_err());
         assert!(truth.encrypt(&[2]).is_err());
     }
 }

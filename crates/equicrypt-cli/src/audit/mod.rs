@@ -182,6 +182,7 @@ impl Plan {
 struct Scorer {
     truth: Option<Truth>,
     held_out: Vec<u32>,
+    held_out_text: Vec<u32>,
     rank_order: Vec<u32>,
 }
 
@@ -192,7 +193,13 @@ impl Scorer {
 
     fn score_with(&self, truth: Option<&Truth>, guess: &[Option<u32>]) -> Result<Option<Score>> {
         Ok(match truth {
-            Some(t) => Some(score::score(guess, t, &self.held_out, &self.rank_order)?),
+            Some(t) => Some(score::score(
+                guess,
+                t,
+                &self.held_out,
+                &self.held_out_text,
+                &self.rank_order,
+            )?),
             None => None,
         })
     }
@@ -323,6 +330,10 @@ pub fn run(a: &AuditArgs) -> Result<()> {
         truth: truth.clone(),
         held_out: match &public_text {
             Some(pt) => pt.held_out_prompts()?,
+            None => Vec::new(),
+        },
+        held_out_text: match &public_text {
+            Some(pt) => pt.tok.encode(crate::verify::EVAL_TEXT, false)?,
             None => Vec::new(),
         },
         rank_order: public_stats
@@ -550,31 +561,57 @@ pub fn run(a: &AuditArgs) -> Result<()> {
                 what: "chat-start id from traffic alone (most common first id of prompts)".into(),
                 value: check(start, pt.tok.token_id("<|im_start|>")).into(),
             });
-            if let (Some(stats), false) = (&public_stats, anchors.is_empty()) {
-                let b = bar(&mp, "A3 no-spec");
-                let r = frequency::attack(
-                    stats,
-                    &t.streams(),
-                    &FrequencyOptions {
-                        seconds: plan.a3_seconds,
-                        seed: 3,
-                        anchors: Vec::new(),
-                        ..FrequencyOptions::default()
-                    },
-                    &b,
-                )?;
-                b.finish_and_clear();
-                rows.push(AttackRow {
-                    id: "A3/hidden-special".into(),
-                    attack: "A3 without special ids from the file".into(),
-                    knowledge: "intercepted traffic + public tokenizer and text".into(),
-                    defence: "special ids hidden (encrypt --hide-special-ids, client-side stop)"
-                        .into(),
-                    score: scorer.score(&r.guess)?,
-                    traffic_tokens_recovered: scorer.traffic(truth.as_ref(), Some(t), &r.guess),
-                    attacker_seconds: r.seconds,
-                    notes: "same budget as A3, no anchors".into(),
-                });
+            // The defence removes the file's special ids; the attacker either goes without
+            // (naive) or takes them from the traffic's structure (the realistic case).
+            let from_traffic: Vec<(u32, u32)> = [
+                (start, pt.tok.token_id("<|im_start|>")),
+                (end, pt.tok.eos_id()),
+            ]
+            .into_iter()
+            .filter_map(|(c, p)| Some((c?, p?)))
+            .filter(|_| start != end)
+            .collect();
+            if let Some(stats) = &public_stats {
+                for (id, anchors, how) in [
+                    (
+                        "A3/hidden-special/naive",
+                        Vec::new(),
+                        "no anchors at all",
+                    ),
+                    (
+                        "A3/hidden-special",
+                        from_traffic,
+                        "anchors taken from the traffic: most common first id of prompts = <|im_start|>, most common last id of completions = EOS",
+                    ),
+                ] {
+                    let b = bar(&mp, id);
+                    let r = frequency::attack(
+                        stats,
+                        &t.streams(),
+                        &FrequencyOptions {
+                            seconds: plan.a3_seconds,
+                            seed: 3,
+                            anchors,
+                            ..FrequencyOptions::default()
+                        },
+                        &b,
+                    )?;
+                    b.finish_and_clear();
+                    rows.push(AttackRow {
+                        id: id.into(),
+                        attack: "A3 with no special ids in the file".into(),
+                        knowledge: "intercepted traffic + public tokenizer and text".into(),
+                        defence: "special ids hidden (encrypt --hide-special-ids, client-side stop)"
+                            .into(),
+                        score: scorer.score(&r.guess)?,
+                        traffic_tokens_recovered: scorer.traffic(truth.as_ref(), Some(t), &r.guess),
+                        attacker_seconds: r.seconds,
+                        notes: format!(
+                            "same budget as A3; {how}; {} of {} swaps accepted",
+                            r.swaps_accepted, r.swaps_tried
+                        ),
+                    });
+                }
             }
         }
     }

@@ -85,17 +85,18 @@ impl Report {
     /// The table every view shares.
     fn table(&self) -> String {
         let mut s = String::from(
-            "| id | attack | knowledge | defence | vocabulary recovered | held-out prompt tokens | traffic tokens | precision | attacker time |\n|---|---|---|---|---|---|---|---|---|\n",
+            "| id | attack | knowledge | defence | vocabulary recovered | held-out prompt tokens | held-out text tokens | traffic tokens | precision | attacker time |\n|---|---|---|---|---|---|---|---|---|---|\n",
         );
         for r in &self.rows {
             s.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |\n",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.1} s |\n",
                 r.id,
                 r.attack,
                 r.knowledge,
                 r.defence,
                 pct(r.score.as_ref().map(|s| s.vocab_recovered)),
                 pct(r.score.as_ref().map(|s| s.tokens_recovered)),
+                pct(r.score.as_ref().map(|s| s.text_tokens_recovered)),
                 pct(r.traffic_tokens_recovered),
                 pct(r.score.as_ref().map(|s| s.precision)),
                 r.attacker_seconds
@@ -116,7 +117,7 @@ impl Report {
             self.given.join(", "),
             self.total_seconds
         );
-        md.push_str("Vocabulary recovered counts every id once; held-out prompt tokens weighs ids by how often real prompts use them (how much of a prompt the server reads); precision is the share of the attack's guesses that are right.\n\n");
+        md.push_str("Vocabulary recovered counts every id once; held-out prompt tokens weighs ids by how often real prompts use them (how much of a prompt the server reads: the 20 prompts of data/prompts.txt as chat turns, template included, plus data/eval.txt); held-out text tokens counts data/eval.txt alone (what a user wrote, no template); traffic tokens is the same over the intercepted traffic; precision is the share of the attack's guesses that are right.\n\n");
         md.push_str(&self.table());
         if plotted {
             md.push_str(
@@ -179,10 +180,11 @@ impl Report {
         );
         for r in &self.rows {
             s.push_str(&format!(
-                "{:<26} {:>8} {:>8} {:>8} {:>8.1}s\n",
+                "{:<22} {:>8} {:>8} {:>8} {:>8} {:>8.1}s\n",
                 r.id,
                 pct(r.score.as_ref().map(|s| s.vocab_recovered)),
                 pct(r.score.as_ref().map(|s| s.tokens_recovered)),
+                pct(r.score.as_ref().map(|s| s.text_tokens_recovered)),
                 pct(r.traffic_tokens_recovered),
                 r.attacker_seconds
             ));
