@@ -199,6 +199,21 @@ impl SamplingArgs {
 }
 
 fn main() {
+    // `equicrypt inspect X | head` closes stdout early: end quietly like other Unix tools
+    // (exit status 141, as for SIGPIPE) instead of panicking in `println!`.
+    let default_hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.contains("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default_hook(info);
+    }));
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         // One line naming the problem, with its causes. Some dependency errors append a

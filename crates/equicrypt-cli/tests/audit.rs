@@ -115,7 +115,10 @@ fn quick_audit_of_smollm2_runs_every_attack_and_scores_it() {
     );
     // Hidden special ids: the rows exist and are scored on plain text too.
     for id in ["A3/hidden-special", "A3/hidden-special/naive"] {
-        assert!(score(&report, id, "text_tokens_recovered") >= 0.0, "{report}");
+        assert!(
+            score(&report, id, "text_tokens_recovered") >= 0.0,
+            "{report}"
+        );
     }
     let facts = report["facts"].to_string();
     assert!(facts.contains("session linking"), "{facts}");

@@ -165,3 +165,27 @@ fn encrypt_inspect_and_bad_inputs() {
     );
     fails_with(&gen("a.key", "o.gguf", "o.gguf"), "plaintext model");
 }
+
+#[test]
+fn a_closed_stdout_ends_quietly_instead_of_panicking() {
+    let d = tempfile::tempdir().unwrap();
+    let model = d.path().join("m.gguf");
+    SyntheticLlama::tiny_f32(3).write(&model).unwrap();
+    // `inspect --json` prints many lines; the reader is closed before it writes them.
+    let mut child = Command::new(env!("CARGO_BIN_EXE_equicrypt"))
+        .args(["inspect", "--json"])
+        .arg(&model)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(
+        out.status.success() || out.status.code() == Some(141),
+        "{:?}: {err}",
+        out.status
+    );
+}

@@ -168,19 +168,20 @@ impl Report {
     /// The one-screen summary.
     pub fn summary(&self) -> String {
         let mut s = format!(
-            "equicrypt audit of {} (mode {}, {:.0} s)\n{:<26} {:>8} {:>8} {:>8} {:>9}\n",
+            "equicrypt audit of {} (mode {}, {:.0} s)\n{:<24} {:>8} {:>8} {:>8} {:>8} {:>9}\n",
             self.encrypted,
             self.mode,
             self.total_seconds,
             "attack",
             "vocab",
             "prompts",
+            "text",
             "traffic",
             "time"
         );
         for r in &self.rows {
             s.push_str(&format!(
-                "{:<22} {:>8} {:>8} {:>8} {:>8} {:>8.1}s\n",
+                "{:<24} {:>8} {:>8} {:>8} {:>8} {:>8.1}s\n",
                 r.id,
                 pct(r.score.as_ref().map(|s| s.vocab_recovered)),
                 pct(r.score.as_ref().map(|s| s.tokens_recovered)),
