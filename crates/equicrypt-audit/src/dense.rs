@@ -490,6 +490,24 @@ impl DenseLlama {
         self.logits(&h, n)
     }
 
+    /// Next-token logits after the last token of each of `seqs` (all of the same, non-zero length),
+    /// run together as one batch: row-major `[seqs.len(), vocab]`.
+    pub fn last_logits(&self, seqs: &[Vec<u32>]) -> Result<Vec<f32>, AuditError> {
+        let len = seqs.first().map_or(0, Vec::len);
+        if len == 0 || seqs.iter().any(|s| s.len() != len) {
+            return Err(AuditError::InvalidInput(
+                "last_logits needs sequences of one non-zero length".into(),
+            ));
+        }
+        let mut cache = self.new_cache(seqs.len(), len);
+        let mut logits = Vec::new();
+        for t in 0..len {
+            let toks: Vec<u32> = seqs.iter().map(|s| s[t]).collect();
+            logits = self.step(&mut cache, &toks)?;
+        }
+        Ok(logits)
+    }
+
     /// Runs `seqs` (all of the same length) token by token as one batch and returns the logits
     /// after every step, `[step][seq × vocab]`. Test support for the decode path.
     #[cfg(test)]

@@ -25,6 +25,13 @@
 //! (e.g. identical embedding rows) are therefore rejected rather than guessed, and a target whose true
 //! plaintext id is not among the candidates is mostly rejected rather than confidently mismatched.
 //!
+//! **Short contexts.** A target rejected by the ratio test alone (its signature is close to
+//! several candidates) gets a second look: the attacker takes the most confident match `(a_c, a_p)`
+//! as an anchor and compares the encrypted model after the two-token context `[a_c, target]` with
+//! the public model after `[a_p, candidate]` for the [`CONTEXT_CANDIDATES`] nearest candidates,
+//! under the same decision rule. Ids whose embedding rows are identical stay ambiguous (the model
+//! cannot tell them apart in any context); ids that only look alike after one token are separated.
+//!
 //! **Search.** Candidates are sorted by their top-1 log-probability; the squared distance is at least
 //! the squared difference of first entries, so the nearest-two search scans outward from the target's
 //! place in that order and stops as soon as that bound settles the decision: it exceeds the current
@@ -49,6 +56,9 @@ pub const MAX_RMS_DISTANCE: f32 = 0.02;
 
 /// The nearest candidate must be at most this fraction of the runner-up's distance.
 pub const RATIO: f32 = 0.5;
+
+/// Candidates compared in two-token contexts for a target the single-token pass found ambiguous.
+pub const CONTEXT_CANDIDATES: usize = 4;
 
 /// Budget and parameters of [`attack`].
 #[derive(Clone, Debug)]
@@ -289,21 +299,103 @@ pub fn attack(
     let target_sigs = signatures(encrypted, &targets, k, batch, bar)?;
     let mut guess = vec![None; vocab];
     let mut matched = 0;
-    for (&c, near) in targets.iter().zip(nearest(&cand_sigs, &target_sigs, k)) {
+    // Ambiguous targets (close enough, but not clearly closer than the runner-up) and the most
+    // confident match, the anchor of the short contexts.
+    let mut ambiguous = Vec::new();
+    let mut anchor: Option<(u32, u32, f32)> = None;
+    for (i, (&c, near)) in targets
+        .iter()
+        .zip(nearest(&cand_sigs, &target_sigs, k))
+        .enumerate()
+    {
         if let Some((row, d1, d2)) = near {
             if accept(d1, d2, k) {
                 guess[c as usize] = Some(candidates[row]);
                 matched += 1;
+                if anchor.is_none_or(|(_, _, d)| d1 < d) {
+                    anchor = Some((c, candidates[row], d1));
+                }
+            } else if d1 <= MAX_RMS_DISTANCE * (k as f32).sqrt() {
+                ambiguous.push(i);
             }
+        }
+    }
+    let mut queries = targets.len() + candidates.len();
+    if let (Some((a_c, a_p, _)), false) = (anchor, ambiguous.is_empty()) {
+        for i in ambiguous {
+            let sig = &target_sigs[i * k..(i + 1) * k];
+            let near = nearest_n(&cand_sigs, sig, k, CONTEXT_CANDIDATES);
+            let pool: Vec<u32> = near.iter().map(|&r| candidates[r]).collect();
+            if let Some(p) = in_context(public, encrypted, (a_c, a_p), targets[i], &pool, k)? {
+                guess[targets[i] as usize] = Some(p);
+                matched += 1;
+            }
+            queries += 1 + pool.len();
         }
     }
     Ok(FunctionalMatch {
         guess,
         attempted: targets.len(),
         matched,
-        queries: targets.len() + candidates.len(),
+        queries,
         seconds: start.elapsed().as_secs_f64(),
     })
+}
+
+/// Rows of the `n` candidate signatures nearest to `sig` (brute force; used for few targets).
+fn nearest_n(cand_sigs: &[f32], sig: &[f32], k: usize, n: usize) -> Vec<usize> {
+    let mut d: Vec<(f32, usize)> = cand_sigs
+        .chunks_exact(k)
+        .enumerate()
+        .map(|(r, c)| (dist2(c, sig, f32::INFINITY), r))
+        .collect();
+    let n = n.min(d.len());
+    if n == 0 {
+        return Vec::new();
+    }
+    d.select_nth_unstable_by(n - 1, |a, b| a.0.total_cmp(&b.0));
+    d.truncate(n);
+    d.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    d.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Matches ciphertext `target` among plaintext `pool` by the next-token distribution after the
+/// two-token contexts `[anchor.0, target]` (encrypted model) and `[anchor.1, candidate]` (public
+/// model), under [`accept`]. `None` when the contexts do not decide either.
+pub fn in_context(
+    public: &DenseLlama,
+    encrypted: &DenseLlama,
+    anchor: (u32, u32),
+    target: u32,
+    pool: &[u32],
+    k: usize,
+) -> Result<Option<u32>, AuditError> {
+    if pool.is_empty() {
+        return Ok(None);
+    }
+    let v = encrypted.vocab();
+    let mut scratch = vec![0f32; v];
+    let mut t_sig = Vec::with_capacity(k);
+    signature(
+        &encrypted.last_logits(&[vec![anchor.0, target]])?,
+        k,
+        &mut scratch,
+        &mut t_sig,
+    );
+    let seqs: Vec<Vec<u32>> = pool.iter().map(|&p| vec![anchor.1, p]).collect();
+    let logits = public.last_logits(&seqs)?;
+    let mut c_sigs = Vec::with_capacity(pool.len() * k);
+    for row in logits.chunks_exact(v) {
+        signature(row, k, &mut scratch, &mut c_sigs);
+    }
+    let mut d: Vec<(f32, usize)> = c_sigs
+        .chunks_exact(k)
+        .enumerate()
+        .map(|(r, c)| (dist2(c, &t_sig, f32::INFINITY).sqrt(), r))
+        .collect();
+    d.sort_unstable_by(|a, b| a.0.total_cmp(&b.0));
+    let d2 = d.get(1).map_or(f32::INFINITY, |x| x.0);
+    Ok((accept(d[0].0, d2, k)).then(|| pool[d[0].1]))
 }
 
 #[cfg(test)]
@@ -355,6 +447,36 @@ mod tests {
             let wrong = m.matched - correct;
             assert!(correct >= v * 95 / 100, "{mode:?}: {correct}/{v}");
             assert_eq!(wrong, 0, "{mode:?}");
+        }
+    }
+
+    #[test]
+    fn short_contexts_pick_the_truth_and_reject_look_alikes() {
+        for mode in [PermMode::Exact, PermMode::Full] {
+            let (_d, plain, enc, perm) = models(mode);
+            let (p, e) = (load(&plain), load(&enc));
+            let anchor = (perm.encrypt_id(5).unwrap(), 5);
+            let (mut right, mut wrong, mut confident_without_truth) = (0, 0, 0);
+            for pl in 10..30u32 {
+                let t = perm.encrypt_id(pl).unwrap();
+                match in_context(&p, &e, anchor, t, &[pl + 40, pl, pl + 50], 16).unwrap() {
+                    Some(x) if x == pl => right += 1,
+                    Some(_) => wrong += 1,
+                    None => {}
+                }
+                if in_context(&p, &e, anchor, t, &[pl + 40, pl + 50], 16)
+                    .unwrap()
+                    .is_some()
+                {
+                    confident_without_truth += 1;
+                }
+            }
+            assert!(
+                right >= 19 && wrong == 0,
+                "{mode:?}: {right} right, {wrong} wrong"
+            );
+            assert!(confident_without_truth <= 1, "{confident_without_truth}");
+            assert_eq!(in_context(&p, &e, anchor, 3, &[], 16).unwrap(), None);
         }
     }
 

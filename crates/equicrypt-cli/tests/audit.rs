@@ -74,6 +74,8 @@ fn quick_audit_of_smollm2_runs_every_attack_and_scores_it() {
         &os("128"),
         &os("--a2-candidates"),
         &os("1024"),
+        &os("--a3-seconds"),
+        &os("15"),
         &os("--a4-tokens"),
         &os("1024"),
         &os("--traffic-tokens"),
@@ -107,12 +109,24 @@ fn quick_audit_of_smollm2_runs_every_attack_and_scores_it() {
         row(&report, "A4")["score"]["guessed"].as_u64().unwrap() > 0,
         "{report}"
     );
-    // Re-keying: one session's traffic is a smaller sample than the whole.
+    // Re-keying: A3 ran on one session's traffic, scored against that session's permutation, and
+    // the server links sessions by their tables.
     assert!(
-        score(&report, "A3/one-session", "tokens_recovered")
-            < score(&report, "A3", "tokens_recovered"),
-        "{report}"
+        row(&report, "A3/one-session")["score"]["guessed"]
+            .as_u64()
+            .unwrap()
+            > 0
     );
+    let link = report["facts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["what"].as_str().unwrap().starts_with("session linking"))
+        .unwrap()["value"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    assert!(link.starts_with("99.") || link.starts_with("100"), "{link}");
     // Hidden special ids: the rows exist and are scored on plain text too.
     for id in ["A3/hidden-special", "A3/hidden-special/naive"] {
         assert!(

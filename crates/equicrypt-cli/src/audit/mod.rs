@@ -429,7 +429,7 @@ pub fn run(a: &AuditArgs) -> Result<()> {
             traffic_tokens_recovered: scorer.traffic(truth.as_ref(), traffic.as_ref(), &m.guess),
             attacker_seconds: m.seconds,
             notes: format!(
-                "{} ciphertext ids fingerprinted (most frequent in traffic first) against {} plaintext candidates (most frequent in public text first); {} matched, {} model queries",
+                "{} ciphertext ids fingerprinted (most frequent in traffic first) against {} plaintext candidates (most frequent in public text first), ambiguous ones re-checked in two-token contexts; {} matched, {} model queries",
                 targets.len(),
                 candidates.len(),
                 m.matched,
