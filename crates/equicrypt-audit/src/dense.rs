@@ -612,7 +612,7 @@ fn sample_row(row: &[f32], temperature: f32, u: f32, probs: &mut [f32]) -> u32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use equicrypt_model::synthetic::SyntheticLlama;
     use std::collections::HashMap;
@@ -887,8 +887,9 @@ mod tests {
         }
     }
 
-    /// CPU seconds of this process (user + system), from `/proc/self/stat`.
-    fn cpu_seconds() -> f64 {
+    /// CPU seconds of this process (user + system), from `/proc/self/stat` (shared by the
+    /// ignored measurement tests).
+    pub(crate) fn cpu_seconds() -> f64 {
         let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
         let after = stat.rsplit(')').next().unwrap_or("");
         let f: Vec<f64> = after

@@ -611,17 +611,7 @@ mod tests {
         assert_eq!(attack(&p, &e, &empty, &bar).unwrap().matched, 0);
     }
 
-    /// CPU seconds of this process (user + system), from `/proc/self/stat`.
-    fn cpu_seconds() -> f64 {
-        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-        let after = stat.rsplit(')').next().unwrap_or("");
-        let f: Vec<f64> = after
-            .split_whitespace()
-            .map(|x| x.parse().unwrap_or(0.0))
-            .collect();
-        // Fields 14 and 15 of the file are utime and stime; `after` starts at field 3.
-        (f.get(11).unwrap_or(&0.0) + f.get(12).unwrap_or(&0.0)) / 100.0
-    }
+    use crate::dense::tests::cpu_seconds;
 
     /// A2 on SmolLM2 (run with `--ignored --nocapture`): 2048 random ciphertext ids against all
     /// 49152 plaintext ids, exact and full mode. The public signatures are computed once.

@@ -97,23 +97,25 @@ pub fn sample_corpus(
     let mut rng = ChaCha20Rng::seed_from_u64(opts.seed);
     let vocab = model.vocab() as u64;
     bar.set_length(opts.max_tokens as u64);
-    let mut sequences = Vec::new();
+    let mut sequences: Vec<Vec<u32>> = Vec::new();
     let mut tokens = 0usize;
     let mut round = 0u64;
     while tokens < opts.max_tokens && start.elapsed().as_secs_f64() < opts.max_seconds {
         // First round: uniform starts. Later rounds start from ids the model itself produced,
         // drawn uniformly from the corpus so far: text-like contexts, not rare junk ids.
-        let pool: Vec<u32> = sequences.iter().flatten().copied().collect();
+        // Every kept sequence has `per_sequence` ids, so the corpus so far is indexed without
+        // copying it: id `i` is `sequences[i / per_sequence][i % per_sequence]`.
         let per_sequence = opts.tokens_per_sequence - opts.burn_in;
         let batch = opts
             .batch
             .min((opts.max_tokens - tokens).div_ceil(per_sequence));
         let starts: Vec<u32> = (0..batch)
             .map(|_| {
-                if pool.is_empty() {
+                if tokens == 0 {
                     (rng.next_u64() % vocab) as u32
                 } else {
-                    pool[(rng.next_u64() % pool.len() as u64) as usize]
+                    let i = (rng.next_u64() % tokens as u64) as usize;
+                    sequences[i / per_sequence][i % per_sequence]
                 }
             })
             .collect();

@@ -35,7 +35,7 @@
 //!    no other ciphertext row claims the same public row.
 //!
 //! The attack never reads the key; [`rotate_rows`] produces a simulated rotation-mode embedding
-//! together with the truth for scoring with [`weight_matching::score`](crate::weight_matching::score).
+//! together with the truth for scoring with [`Truth::from_plain_of`](crate::score::Truth::from_plain_of).
 
 use std::time::Instant;
 
@@ -587,7 +587,7 @@ fn below(rng: &mut ChaCha20Rng, bound: usize) -> usize {
 /// orthogonal `Q` (QR of a Gaussian `cols × cols` matrix drawn from a ChaCha20 stream seeded by
 /// `seed`, with `R`'s diagonal made positive so `Q` is Haar-distributed) and a random row
 /// permutation `P`, plus the truth `plain_of[c]` = the input row placed at output row `c`
-/// (the convention of [`weight_matching::score`](crate::weight_matching::score)).
+/// (what [`Truth::from_plain_of`](crate::score::Truth::from_plain_of) takes).
 ///
 /// No equicrypt mode uses rotations today; this exists only to measure the attack. A trailing
 /// partial row is dropped; `cols == 0` gives empty output.
@@ -631,7 +631,7 @@ pub fn rotate_rows(rows: &[f32], cols: usize, seed: u64) -> (Vec<f32>, Vec<u32>)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::weight_matching::score;
+    use crate::score::{score, Truth};
 
     fn gaussian_rows(n: usize, cols: usize, seed: u64) -> Vec<f32> {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
@@ -641,7 +641,8 @@ mod tests {
     }
 
     fn recovered(guess: &[Option<u32>], plain_of: &[u32]) -> f64 {
-        score(guess, plain_of, &[], &[]).0
+        let truth = Truth::from_plain_of(plain_of).unwrap();
+        score(guess, &truth, &[], &[], &[]).unwrap().vocab_recovered
     }
 
     #[test]

@@ -42,6 +42,27 @@ impl Truth {
         })
     }
 
+    /// Builds the truth from `plain_of` (ciphertext → plaintext); it must be a permutation.
+    pub fn from_plain_of(plain_of: &[u32]) -> Result<Self, AuditError> {
+        let mut cipher_of = vec![u32::MAX; plain_of.len()];
+        for (c, &p) in plain_of.iter().enumerate() {
+            match cipher_of.get_mut(p as usize) {
+                Some(slot) if *slot == u32::MAX => *slot = c as u32,
+                _ => {
+                    return Err(AuditError::Mismatch(format!(
+                        "the truth is not a permutation (plaintext id {p})"
+                    )))
+                }
+            }
+        }
+        Self::new(cipher_of)
+    }
+
+    /// `plain_of[c]` for every ciphertext id `c`.
+    pub fn plain_ids(&self) -> &[u32] {
+        &self.plain_of
+    }
+
     /// Vocabulary size.
     pub fn vocab(&self) -> usize {
         self.cipher_of.len()
@@ -219,6 +240,9 @@ mod tests {
     fn rejects_a_non_permutation_and_bad_sizes() {
         assert!(Truth::new(vec![0, 0]).is_err());
         assert!(Truth::new(vec![0, 5]).is_err());
+        assert!(Truth::from_plain_of(&[1, 1]).is_err());
+        let t = Truth::from_plain_of(&[2, 0, 1]).unwrap();
+        assert_eq!((t.cipher_of(2), t.plain_ids()), (0, &[2, 0, 1][..]));
         let truth = Truth::new(vec![0, 1]).unwrap();
         assert!(score(&[None], &truth, &[], &[], &[]).is_err());
         assert!(score(&[None, None], &truth, &[7], &[], &[]).is_err());

@@ -113,28 +113,6 @@ pub fn attack(public: &Path, encrypted: &Path) -> Result<WeightMatch, AuditError
     match_rows(&p, &e, cols_p)
 }
 
-/// Scores a guess against the truth `plain_of[c]` (the plaintext id at ciphertext id `c`):
-/// the fraction of the vocabulary recovered, and the fraction of `tokens` (plaintext ids of real
-/// text, so frequent tokens weigh more) whose ciphertext id is mapped correctly.
-pub fn score(
-    guess: &[Option<u32>],
-    plain_of: &[u32],
-    cipher_of: &[u32],
-    tokens: &[u32],
-) -> (f64, f64) {
-    let ok = guess
-        .iter()
-        .zip(plain_of)
-        .filter(|(g, t)| **g == Some(**t))
-        .count();
-    let vocab = ok as f64 / guess.len().max(1) as f64;
-    let tok_ok = tokens
-        .iter()
-        .filter(|&&t| guess.get(cipher_of[t as usize] as usize) == Some(&Some(t)))
-        .count();
-    (vocab, tok_ok as f64 / tokens.len().max(1) as f64)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -153,11 +131,11 @@ mod tests {
             }
         }
         let m = match_rows(&public, &enc, 3).unwrap();
-        let plain_of = [1u32, 3, 0, 2];
-        let cipher_of = [2u32, 0, 3, 1];
+        let truth = crate::score::Truth::new(vec![2, 0, 3, 1]).unwrap();
+        assert_eq!(truth.plain_ids(), &[1, 3, 0, 2]);
         assert_eq!(m.unique, 4);
-        let (v, t) = score(&m.guess, &plain_of, &cipher_of, &[0, 0, 1]);
-        assert_eq!((v, t), (1.0, 1.0));
+        let s = crate::score::score(&m.guess, &truth, &[0, 0, 1], &[], &[]).unwrap();
+        assert_eq!((s.vocab_recovered, s.tokens_recovered), (1.0, 1.0));
     }
 
     #[test]

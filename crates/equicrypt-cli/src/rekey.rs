@@ -4,7 +4,7 @@
 //! model; `--bench N` instead builds N session tables in memory and reports the time per session
 //! and the resident-memory growth of holding them all in one process.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{Context, Result};
@@ -71,58 +71,100 @@ pub fn run(a: &RekeyArgs) -> Result<()> {
     Ok(())
 }
 
-fn bench(a: &RekeyArgs, key: &equicrypt_core::SecretKey, n: usize) -> Result<()> {
-    anyhow::ensure!(n >= 1, "--bench needs at least one session");
-    let prefix = a.session.as_deref().unwrap_or("bench");
-    let mut f = GgufFile::open(&a.encrypted)?;
+/// Session tables built in memory and held together: what a server pays per session.
+pub struct TableBench {
+    /// Wall time of each session's tables, seconds.
+    pub seconds: Vec<f64>,
+    /// Bytes of one session's tables.
+    pub bytes_per_session: u64,
+    /// Bytes of the base model's vocabulary tensors.
+    pub base_bytes: u64,
+    /// Names of the re-keyed tensors.
+    pub tensors: Vec<String>,
+    /// Vocabulary size.
+    pub vocab: usize,
+    /// `VmRSS` in kB before building and while holding all the tables (Linux only).
+    pub rss_kb: Option<(u64, u64)>,
+}
+
+impl TableBench {
+    /// Median seconds per session.
+    pub fn median_seconds(&self) -> f64 {
+        let mut s = self.seconds.clone();
+        s.sort_by(f64::total_cmp);
+        s.get(s.len() / 2).copied().unwrap_or(0.0)
+    }
+}
+
+/// Builds the tables of every session in `labels` from the encrypted model and holds them all
+/// while measuring resident memory.
+pub fn bench_tables(
+    encrypted: &Path,
+    key: &equicrypt_core::SecretKey,
+    labels: &[String],
+) -> Result<TableBench> {
+    anyhow::ensure!(!labels.is_empty(), "--bench needs at least one session");
+    let mut f = GgufFile::open(encrypted)?;
     let base = BaseVocabTables::read(&mut f, key)?;
     drop(f);
     let rss_before = vm_rss_kb();
-    let mut held = Vec::with_capacity(n);
-    let mut secs = Vec::with_capacity(n);
-    for i in 0..n {
+    let mut held = Vec::with_capacity(labels.len());
+    let mut seconds = Vec::with_capacity(labels.len());
+    for label in labels {
         let t = Instant::now();
         let tables = base
-            .rekey(key, &format!("{prefix}-{i}"))
-            .with_context(|| format!("session {prefix}-{i}"))?;
-        secs.push(t.elapsed().as_secs_f64());
+            .rekey(key, label)
+            .with_context(|| format!("session {label}"))?;
+        seconds.push(t.elapsed().as_secs_f64());
         held.push(tables);
     }
     let rss_after = vm_rss_kb();
-    let per = held.first().map_or(0, |t| t.bytes());
-    let mut sorted = secs.clone();
+    Ok(TableBench {
+        seconds,
+        bytes_per_session: held.first().map_or(0, |t| t.bytes()),
+        base_bytes: base.bytes(),
+        tensors: held
+            .first()
+            .map(|t| t.tensors.iter().map(|(n, _)| n.clone()).collect())
+            .unwrap_or_default(),
+        vocab: base.vocab(),
+        rss_kb: rss_before.zip(rss_after),
+    })
+}
+
+fn bench(a: &RekeyArgs, key: &equicrypt_core::SecretKey, n: usize) -> Result<()> {
+    let prefix = a.session.as_deref().unwrap_or("bench");
+    let labels: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
+    let b = bench_tables(&a.encrypted, key, &labels)?;
+    let mut sorted = b.seconds.clone();
     sorted.sort_by(f64::total_cmp);
-    let names: Vec<&str> = held
-        .first()
-        .map(|t| t.tensors.iter().map(|(n, _)| n.as_str()).collect())
-        .unwrap_or_default();
     println!(
         "base tables:        {} bytes ({}; vocabulary {})",
-        base.bytes(),
-        names.join(", "),
-        base.vocab()
+        b.base_bytes,
+        b.tensors.join(", "),
+        b.vocab
     );
     println!(
         "re-key time:        median {:.2} ms per session (min {:.2}, max {:.2}; {n} sessions)",
-        sorted[n / 2] * 1e3,
+        b.median_seconds() * 1e3,
         sorted[0] * 1e3,
         sorted[n - 1] * 1e3
     );
+    let per = b.bytes_per_session;
     println!(
         "per-session tables: {per} bytes ({:.1} MB)",
         per as f64 / 1e6
     );
-    match (rss_before, rss_after) {
-        (Some(b), Some(e)) => println!(
+    match b.rss_kb {
+        Some((before, after)) => println!(
             "resident memory:    +{:.1} MB holding {n} session tables ({:.1} MB per session; VmRSS {:.1} -> {:.1} MB)",
-            e.saturating_sub(b) as f64 / 1e3,
-            e.saturating_sub(b) as f64 / 1e3 / n as f64,
-            b as f64 / 1e3,
-            e as f64 / 1e3
+            after.saturating_sub(before) as f64 / 1e3,
+            after.saturating_sub(before) as f64 / 1e3 / n as f64,
+            before as f64 / 1e3,
+            after as f64 / 1e3
         ),
-        _ => println!("resident memory:    n/a (no /proc/self/status)"),
+        None => println!("resident memory:    n/a (no /proc/self/status)"),
     }
-    drop(held);
     Ok(())
 }
 

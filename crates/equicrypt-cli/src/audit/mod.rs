@@ -212,12 +212,7 @@ impl Scorer {
         guess: &[Option<u32>],
     ) -> Option<f64> {
         let (t, traffic) = (truth?, traffic?);
-        let ids = traffic.all_ids();
-        let ok = ids
-            .iter()
-            .filter(|&&c| guess.get(c as usize) == Some(&Some(t.plain_of(c))))
-            .count();
-        Some(ok as f64 / ids.len().max(1) as f64)
+        Some(frequency::recovery(guess, t.plain_ids(), &traffic.streams()).token_fraction())
     }
 }
 
@@ -786,43 +781,21 @@ fn rekey_rows(
         ),
     });
     // Re-key cost: the server keeps one body and, per session, tables whose rows moved.
-    let mut f = GgufFile::open(&a.encrypted)?;
-    let base_tables = equicrypt_model::rekey::BaseVocabTables::read(&mut f, key)?;
-    drop(f);
-    let rss0 = rss_bytes();
-    let start = Instant::now();
-    let tables = labels
-        .iter()
-        .map(|l| base_tables.rekey(key, l))
-        .collect::<Result<Vec<_>, _>>()?;
-    let per_key = start.elapsed().as_secs_f64() / n as f64;
-    let rss1 = rss_bytes();
-    let bytes = tables.first().map_or(0, |t| t.bytes());
-    drop(tables);
+    let cost = crate::rekey::bench_tables(&a.encrypted, key, &labels)?;
     facts.push(Fact {
         what: "re-key cost per session (embedding/head rows only)".into(),
         value: format!(
             "{:.1} ms and {:.1} MiB of tables per session; resident memory {} for {n} sessions",
-            1e3 * per_key,
-            bytes as f64 / (1 << 20) as f64,
-            match (rss0, rss1) {
-                (Some(a), Some(b)) => format!(
-                    "+{:.1} MiB",
-                    (b.saturating_sub(a)) as f64 / (1 << 20) as f64
-                ),
-                _ => "not measured (no /proc)".into(),
+            1e3 * cost.seconds.iter().sum::<f64>() / n as f64,
+            cost.bytes_per_session as f64 / (1 << 20) as f64,
+            match cost.rss_kb {
+                Some((before, after)) =>
+                    format!("+{:.1} MiB", after.saturating_sub(before) as f64 / 1024.0),
+                None => "not measured (no /proc)".into(),
             }
         ),
     });
     Ok(())
-}
-
-/// Resident set size of this process, from /proc/self/status.
-fn rss_bytes() -> Option<u64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
-    let kb: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb * 1024)
 }
 
 /// Up to `limit` ids: those in `seen` by descending count, then every other id in order.
