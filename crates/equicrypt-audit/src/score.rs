@@ -10,72 +10,50 @@
 //!   tokens included) and for held-out plain text alone (what the user wrote);
 //! - **by frequency rank**: vocabulary recovered inside buckets of public-frequency rank.
 
+use equicrypt_core::Permutation;
 use serde::Serialize;
 
 use crate::AuditError;
 
-/// The true substitution: `cipher_of[p]` is the ciphertext id of plaintext id `p`.
+/// The true substitution: plaintext id `p` sits at ciphertext id `perm.apply(p)`.
 #[derive(Clone, Debug)]
 pub struct Truth {
-    cipher_of: Vec<u32>,
-    plain_of: Vec<u32>,
+    perm: Permutation,
 }
 
 impl Truth {
     /// Builds the truth from `cipher_of` (plaintext → ciphertext); it must be a permutation.
     pub fn new(cipher_of: Vec<u32>) -> Result<Self, AuditError> {
-        let n = cipher_of.len();
-        let mut plain_of = vec![u32::MAX; n];
-        for (p, &c) in cipher_of.iter().enumerate() {
-            match plain_of.get_mut(c as usize) {
-                Some(slot) if *slot == u32::MAX => *slot = p as u32,
-                _ => {
-                    return Err(AuditError::Mismatch(format!(
-                        "the truth is not a permutation (ciphertext id {c})"
-                    )))
-                }
-            }
-        }
-        Ok(Self {
-            cipher_of,
-            plain_of,
-        })
+        let perm = Permutation::from_forward(cipher_of)
+            .map_err(|e| AuditError::Mismatch(format!("the truth: {e}")))?;
+        Ok(Self { perm })
     }
 
     /// Builds the truth from `plain_of` (ciphertext → plaintext); it must be a permutation.
     pub fn from_plain_of(plain_of: &[u32]) -> Result<Self, AuditError> {
-        let mut cipher_of = vec![u32::MAX; plain_of.len()];
-        for (c, &p) in plain_of.iter().enumerate() {
-            match cipher_of.get_mut(p as usize) {
-                Some(slot) if *slot == u32::MAX => *slot = c as u32,
-                _ => {
-                    return Err(AuditError::Mismatch(format!(
-                        "the truth is not a permutation (plaintext id {p})"
-                    )))
-                }
-            }
-        }
-        Self::new(cipher_of)
+        Ok(Self {
+            perm: Self::new(plain_of.to_vec())?.perm.inverse(),
+        })
     }
 
     /// `plain_of[c]` for every ciphertext id `c`.
     pub fn plain_ids(&self) -> &[u32] {
-        &self.plain_of
+        self.perm.inverse_map()
     }
 
     /// Vocabulary size.
     pub fn vocab(&self) -> usize {
-        self.cipher_of.len()
+        self.perm.len()
     }
 
     /// The ciphertext id of plaintext id `p`.
     pub fn cipher_of(&self, p: u32) -> u32 {
-        self.cipher_of[p as usize]
+        self.perm.apply(p)
     }
 
     /// The plaintext id at ciphertext id `c`.
     pub fn plain_of(&self, c: u32) -> u32 {
-        self.plain_of[c as usize]
+        self.perm.invert(c)
     }
 
     /// Encrypts a plaintext id sequence (ids out of range are an error).
@@ -83,7 +61,7 @@ impl Truth {
         plain
             .iter()
             .map(|&p| {
-                self.cipher_of.get(p as usize).copied().ok_or_else(|| {
+                self.perm.forward().get(p as usize).copied().ok_or_else(|| {
                     AuditError::Mismatch(format!(
                         "token id {p} is outside the vocabulary of {}",
                         self.vocab()
@@ -163,7 +141,7 @@ pub fn score(
     let tokens_ok = |ids: &[u32]| -> Result<f64, AuditError> {
         let mut ok = 0usize;
         for &p in ids {
-            let c = *truth.cipher_of.get(p as usize).ok_or_else(|| {
+            let c = *truth.perm.forward().get(p as usize).ok_or_else(|| {
                 AuditError::Mismatch(format!("held-out token {p} is outside the vocabulary"))
             })?;
             ok += usize::from(right(c as usize));
