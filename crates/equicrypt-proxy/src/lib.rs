@@ -18,7 +18,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{FromRequest, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -52,6 +52,9 @@ pub enum ProxyError {
     /// The request is malformed or unsupported.
     #[error("{0}")]
     BadRequest(String),
+    /// The request body is larger than the proxy reads (axum's default cap, 2 MB).
+    #[error("request body too large: {0}")]
+    TooLarge(String),
     /// The blind server failed.
     #[error("upstream: {0}")]
     Upstream(String),
@@ -61,9 +64,16 @@ impl IntoResponse for ProxyError {
     fn into_response(self) -> Response {
         let (status, kind) = match &self {
             ProxyError::BadRequest(_) => (StatusCode::BAD_REQUEST, "invalid_request_error"),
+            ProxyError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, "invalid_request_error"),
             ProxyError::Upstream(_) => (StatusCode::BAD_GATEWAY, "upstream_error"),
         };
-        (status, Json(ErrorBody::new(kind, self.to_string()))).into_response()
+        let mut resp = (status, Json(ErrorBody::new(kind, self.to_string()))).into_response();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            // The rest of the body is never read, so the connection cannot carry another request.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        resp
     }
 }
 
@@ -80,6 +90,9 @@ where
     async fn from_request(req: Request, state: &S) -> Result<Self, Self::Rejection> {
         match Json::<T>::from_request(req, state).await {
             Ok(Json(v)) => Ok(ApiJson(v)),
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+                Err(ProxyError::TooLarge(e.body_text()))
+            }
             Err(e) => Err(ProxyError::BadRequest(e.body_text())),
         }
     }
@@ -387,5 +400,39 @@ mod tests {
         let b = response_id("chatcmpl");
         assert_ne!(a, b);
         assert!(a.starts_with("chatcmpl-"));
+    }
+
+    fn json_request(body: Vec<u8>) -> Request {
+        Request::builder()
+            .method("POST")
+            .header(header::CONTENT_TYPE, "application/json")
+            .body(axum::body::Body::from(body))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_oversized_body_is_413_and_closes_the_connection() {
+        let mut big = b"{\"prompt\": \"".to_vec();
+        big.resize(3 << 20, b'a');
+        big.extend_from_slice(b"\"}");
+        let err = match ApiJson::<serde_json::Value>::from_request(json_request(big), &()).await {
+            Err(e) => e,
+            Ok(_) => panic!("a 3 MiB body was accepted"),
+        };
+        assert!(matches!(err, ProxyError::TooLarge(_)), "{err:?}");
+        let resp = err.into_response();
+        assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+        assert_eq!(resp.headers()[header::CONNECTION], "close");
+
+        // Bad JSON of a normal size stays a 400 on a reusable connection.
+        let err = match ApiJson::<serde_json::Value>::from_request(json_request(b"{".to_vec()), &())
+            .await
+        {
+            Err(e) => e,
+            Ok(_) => panic!("\"{{\" parsed"),
+        };
+        let resp = err.into_response();
+        assert_eq!(resp.status(), StatusCode::BAD_REQUEST);
+        assert!(resp.headers().get(header::CONNECTION).is_none());
     }
 }

@@ -95,6 +95,12 @@ impl IntoResponse for ApiError {
             resp.headers_mut()
                 .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
         }
+        if matches!(self, ApiError::TooLarge(_)) {
+            // The rest of the body is never read, so this connection cannot carry another
+            // request: say so, or a keep-alive client reuses it and sees it reset.
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
         resp
     }
 }

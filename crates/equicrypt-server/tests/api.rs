@@ -476,6 +476,11 @@ async fn too_large_not_found_method_not_allowed() {
         .send()
         .await
         .unwrap();
+    // The unread rest of the body makes the connection unusable: the server must say so.
+    assert_eq!(
+        r.headers().get("connection").map(|v| v.as_bytes()),
+        Some(&b"close"[..])
+    );
     assert_error(r, 413, "invalid_request_error").await;
     for path in ["/nope", "/v2/completions", "/completion/x", "/"] {
         let r = c.get(s.url(path)).send().await.unwrap();
