@@ -49,6 +49,7 @@ pub struct RemoteArgs {
     #[arg(long, value_enum, default_value = "equicrypt")]
     backend: BackendArg,
     /// Session label of the served model (written by `rekey`): ids use the session permutation.
+    /// An equicrypt server reporting another session (or none) is refused before any prompt.
     #[arg(long)]
     session: Option<String>,
 }
@@ -110,7 +111,8 @@ async fn connect(
     let fingerprint = key.fingerprint();
     let client_side = ClientSide::load_session(&a.tokenizer, &key, a.session.as_deref())?;
     drop(key);
-    let client = RemoteClient::new(&a.server, a.backend.into())?;
+    let client =
+        RemoteClient::new(&a.server, a.backend.into())?.expect_session(a.session.as_deref());
     let info = client
         .check_fingerprint(&fingerprint)
         .await

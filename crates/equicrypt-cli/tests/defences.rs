@@ -327,3 +327,77 @@ async fn hidden_stop_ids_give_identical_answers_and_send_no_stop_ids() {
     let _ = stop_n.send(());
     let _ = stop_h.send(());
 }
+
+/// Our server reports a re-keyed file's session label in `/v1/models`, and a client encrypting
+/// for another session (or for none) is refused before any prompt is sent, in both directions.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_for_another_session_is_refused_before_any_prompt() {
+    use equicrypt_client::ClientError;
+    let key = SecretKey::from_bytes([44; 32]);
+    let dir = tempfile::tempdir().unwrap();
+    let (p, e, s) = (
+        dir.path().join("p.gguf"),
+        dir.path().join("e.gguf"),
+        dir.path().join("s.gguf"),
+    );
+    tiny(96, false, 9).write(&p).unwrap();
+    encrypt_gguf(&key, &p, &e, &EncryptOptions::default()).unwrap();
+    rekey_gguf(&e, &key, "user-7", &s, false).unwrap();
+    assert_eq!(ModelMeta::read(&e).unwrap().session, None);
+    assert_eq!(
+        ModelMeta::read(&s).unwrap().session.as_deref(),
+        Some("user-7")
+    );
+
+    let (addr_e, stop_e) = start_server(&e).await;
+    let (addr_s, stop_s) = start_server(&s).await;
+    let relay_s = support::Relay::start(addr_s).await;
+    let client = |addr: std::net::SocketAddr, session: Option<&str>| {
+        RemoteClient::new(&format!("http://{addr}"), Backend::Equicrypt)
+            .unwrap()
+            .expect_session(session)
+    };
+    let fp = key.fingerprint();
+
+    // The matching session passes and is reported.
+    let info = client(relay_s.addr, Some("user-7"))
+        .check_fingerprint(&fp)
+        .await
+        .unwrap();
+    assert_eq!(info.session.as_deref(), Some("user-7"));
+    // A base-model client against a session model, and a client for another session.
+    for session in [None, Some("user-8")] {
+        match client(relay_s.addr, session).check_fingerprint(&fp).await {
+            Err(e @ ClientError::SessionMismatch { .. }) => {
+                let msg = e.to_string();
+                assert!(msg.contains("session 'user-7'"), "{msg}");
+                assert!(msg.contains("--session"), "{msg}");
+            }
+            other => panic!("{session:?}: expected a session mismatch, got {other:?}"),
+        }
+    }
+    // A session client against the base model.
+    let info = client(addr_e, None).check_fingerprint(&fp).await.unwrap();
+    assert_eq!(info.session, None);
+    match client(addr_e, Some("user-7")).check_fingerprint(&fp).await {
+        Err(ClientError::SessionMismatch { server, client }) => {
+            assert_eq!((server, client.as_deref()), (None, Some("user-7")));
+        }
+        other => panic!("expected a session mismatch, got {other:?}"),
+    }
+    // A wrong key is still reported as such first.
+    let other = SecretKey::from_bytes([45; 32]).fingerprint();
+    assert!(matches!(
+        client(relay_s.addr, None).check_fingerprint(&other).await,
+        Err(ClientError::FingerprintMismatch { .. })
+    ));
+    // No refused client sent a completion request.
+    let up = relay_s.rec.up_text();
+    assert!(up.contains("GET /v1/models"), "{up}");
+    assert!(
+        !up.contains("/completion"),
+        "a refused client reached /completion:\n{up}"
+    );
+    let _ = stop_e.send(());
+    let _ = stop_s.send(());
+}

@@ -133,12 +133,28 @@ pub enum ClientError {
         /// Fingerprint of the local key.
         key: String,
     },
+    /// The served model is re-keyed for another session than the client's (or one of the two
+    /// has no session); no prompt was sent.
+    #[error("the server's model is {}, but this client encrypts for {}; no prompt was sent (use --session to match the served model)", describe_session(.server), describe_session(.client))]
+    SessionMismatch {
+        /// Session label the server reports (`None`: a base, not re-keyed, model).
+        server: Option<String>,
+        /// Session label the client encrypts ids for (`None`: the base permutation).
+        client: Option<String>,
+    },
     /// The server reports no key fingerprint, so the key cannot be checked; no prompt was sent.
     #[error("the server at {url} reports no key fingerprint, so its model cannot be checked against this key; no prompt was sent (llama-server: start it with --alias <fingerprint>)")]
     FingerprintUnavailable {
         /// The server's base URL.
         url: String,
     },
+}
+
+fn describe_session(s: &Option<String>) -> String {
+    match s {
+        Some(label) => format!("session '{label}'"),
+        None => "the base model (no session)".to_string(),
+    }
 }
 
 /// Result alias of this crate.

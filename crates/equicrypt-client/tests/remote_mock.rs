@@ -131,6 +131,7 @@ fn models(fp: Option<String>) -> ModelList {
             owned_by: "equicrypt".into(),
             key_fingerprint: fp,
             encryption_mode: Some("perm-exact".into()),
+            session: None,
             vocab_size: 269,
             context_length: 64,
         }],

@@ -241,6 +241,10 @@ pub struct ModelInfo {
     pub key_fingerprint: Option<String>,
     /// Encryption mode (`perm-exact` / `perm-full`).
     pub encryption_mode: Option<String>,
+    /// Session label of a re-keyed model (`equicrypt rekey`); absent for a base encrypted model.
+    /// Clients must encrypt ids with that session's permutation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub session: Option<String>,
     /// Vocabulary size.
     pub vocab_size: usize,
     /// Context length.

@@ -170,6 +170,7 @@ async fn models(State(state): State<AppState>) -> Json<ModelList> {
             owned_by: "equicrypt".into(),
             key_fingerprint: s.meta.key_fingerprint.clone(),
             encryption_mode: s.meta.encryption_mode.clone(),
+            session: s.meta.session.clone(),
             vocab_size: s.vocab_size,
             context_length: s.context_length,
         }],

@@ -9,7 +9,7 @@
 //! |---|---|
 //! | `POST /completion` (alias `/completions`) | llama.cpp shape ([`equicrypt_protocol::CompletionRequest`]); `stream: true` gives server-sent events |
 //! | `POST /v1/completions` | OpenAI shape, ids in `choices[0].tokens`; streams end with `data: [DONE]` |
-//! | `GET /v1/models` | the served model: id (file stem), key fingerprint, mode, vocabulary, context |
+//! | `GET /v1/models` | the served model: id (file stem), key fingerprint, mode, session label of a re-keyed file, vocabulary, context |
 //! | `GET /health` | `{"status":"ok"}` |
 //! | `GET /metrics` | Prometheus text |
 //!
@@ -125,6 +125,8 @@ pub struct ModelMeta {
     pub key_fingerprint: Option<String>,
     /// Encryption mode (`perm-exact` / `perm-full`), if encrypted.
     pub encryption_mode: Option<String>,
+    /// Session label of a re-keyed model (`equicrypt.session`), if the file is one.
+    pub session: Option<String>,
     /// `tokenizer.ggml.eos_token_id` (a ciphertext id in an encrypted model): always stops.
     pub eos_id: Option<u32>,
 }
@@ -145,6 +147,7 @@ impl ModelMeta {
                 .unwrap_or_else(|| "model".into()),
             key_fingerprint: info.as_ref().map(|i| i.fingerprint.0.clone()),
             encryption_mode: info.map(|i| i.mode.as_str().to_string()),
+            session: equicrypt_model::rekey::session_label(&f),
             eos_id,
         })
     }

@@ -89,6 +89,8 @@ pub struct RemoteClient {
     base: String,
     backend: Backend,
     allow_unverified: bool,
+    /// Session label whose permutation this client's ids use (`None`: the base permutation).
+    session: Option<String>,
     /// llama-server: the ciphertext id of the file's EOS (from `/props`), looked up once.
     server_eos: Arc<tokio::sync::OnceCell<Option<u32>>>,
 }
@@ -136,6 +138,7 @@ impl RemoteClient {
             base: url.as_str().trim_end_matches('/').to_string(),
             backend,
             allow_unverified: false,
+            session: None,
             server_eos: Arc::default(),
         })
     }
@@ -145,6 +148,14 @@ impl RemoteClient {
     /// served model belongs to this key.
     pub fn allow_unverified_fingerprint(mut self, allow: bool) -> Self {
         self.allow_unverified = allow;
+        self
+    }
+
+    /// Declares the session label whose permutation the caller encrypts ids with (`None`, the
+    /// default: the base permutation). [`RemoteClient::check_fingerprint`] then refuses a server
+    /// that reports another session, since ids would decrypt to other tokens.
+    pub fn expect_session(mut self, session: Option<&str>) -> Self {
+        self.session = session.map(str::to_string);
         self
     }
 
@@ -221,19 +232,34 @@ impl RemoteClient {
     /// any prompt is sent. A different fingerprint is [`ClientError::FingerprintMismatch`]; none
     /// at all is [`ClientError::FingerprintUnavailable`] unless
     /// [`RemoteClient::allow_unverified_fingerprint`] was set.
+    ///
+    /// An equicrypt server also reports the session label of a re-keyed model: one other than
+    /// [`RemoteClient::expect_session`]'s is [`ClientError::SessionMismatch`]. llama-server
+    /// reports none, so there the session is not checked.
     pub async fn check_fingerprint(&self, expected: &KeyFingerprint) -> Result<ModelInfo> {
         let info = self.model_info().await?;
         match &info.key_fingerprint {
-            Some(fp) if fp.trim().eq_ignore_ascii_case(expected.0.trim()) => Ok(info),
-            Some(fp) => Err(ClientError::FingerprintMismatch {
-                server: fp.clone(),
-                key: expected.0.clone(),
-            }),
-            None if self.allow_unverified => Ok(info),
-            None => Err(ClientError::FingerprintUnavailable {
-                url: self.base.clone(),
-            }),
+            Some(fp) if fp.trim().eq_ignore_ascii_case(expected.0.trim()) => {}
+            Some(fp) => {
+                return Err(ClientError::FingerprintMismatch {
+                    server: fp.clone(),
+                    key: expected.0.clone(),
+                })
+            }
+            None if self.allow_unverified => {}
+            None => {
+                return Err(ClientError::FingerprintUnavailable {
+                    url: self.base.clone(),
+                })
+            }
         }
+        if self.backend == Backend::Equicrypt && info.session != self.session {
+            return Err(ClientError::SessionMismatch {
+                server: info.session,
+                client: self.session.clone(),
+            });
+        }
+        Ok(info)
     }
 
     /// `POST /completion` without streaming. Ids after the first of `req.stop_ids` are cut off
@@ -861,6 +887,7 @@ fn llamacpp_model_info(v: &Value) -> Result<ModelInfo> {
             .unwrap_or("llamacpp")
             .to_string(),
         encryption_mode: None,
+        session: None,
         vocab_size,
         context_length,
     })
