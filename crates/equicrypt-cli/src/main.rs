@@ -337,7 +337,7 @@ fn inspect_cmd(file: &Path, json: bool) -> Result<()> {
                 }
             }
             if i.special_ids.is_empty() {
-                println!("reveals:       architecture hyper-parameters (special ids hidden: stock llama.cpp assumes EOS = id 2; clients must stop themselves)");
+                println!("reveals:       architecture hyper-parameters (special ids hidden: stock llama.cpp takes id 2 for EOS; clients stop themselves and continue past id 2)");
             } else {
                 let ids: Vec<String> = i
                     .special_ids

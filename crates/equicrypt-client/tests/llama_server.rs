@@ -20,7 +20,7 @@ use equicrypt_client::remote::{
     Backend, BlindChat, CompletionRequest, GenerateParams, RemoteClient, StopType, StreamEvent,
 };
 use equicrypt_client::{ChatMessage, ChatTemplate, CipherSession, ClientError, GgufTokenizer};
-use equicrypt_core::SecretKey;
+use equicrypt_core::{SecretKey, VocabPermutation};
 use equicrypt_model::{encrypt_gguf, EncryptOptions};
 
 const PROMPT: &str = "What is the capital of France? Answer in one sentence.";
@@ -258,4 +258,108 @@ async fn blind_chat_against_real_llama_server() {
     let fresh = RemoteClient::new(client.base_url(), Backend::LlamaCpp).unwrap();
     let e = fresh.health().await.unwrap_err();
     assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
+}
+
+/// `GET path` on a loopback server, HTTP/1.0; the body.
+fn http_get(base_url: &str, path: &str) -> String {
+    use std::io::{Read, Write};
+    let addr = base_url.trim_start_matches("http://");
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").unwrap();
+    let mut resp = String::new();
+    s.read_to_string(&mut resp).unwrap();
+    resp.split_once("\r\n\r\n").unwrap().1.to_string()
+}
+
+/// With `encrypt --hide-special-ids` the file names no EOS, and llama.cpp then takes id 2 for
+/// one. That id is an ordinary ciphertext token: llama-server stops at it (and `ignore_eos`
+/// would ban it). The client lets it stop there and continues, so the answer is the one the
+/// normal file gives. The key is picked so that the answer contains ciphertext id 2.
+#[tokio::test]
+async fn hidden_special_ids_on_llama_server_give_the_same_answer() {
+    let test = "hidden_special_ids_on_llama_server_give_the_same_answer";
+    let Some(plain) = common::smollm2_path(test) else {
+        return;
+    };
+    let Some(bin) = llama_server_bin(test) else {
+        return;
+    };
+    let content = {
+        let mut f = std::fs::File::open(&plain).unwrap();
+        Content::read(&mut f).unwrap()
+    };
+    let tok = GgufTokenizer::from_content(&content).unwrap();
+    let prompt = ChatTemplate::from_content(&content)
+        .unwrap()
+        .render(&[ChatMessage::new("user", PROMPT)], true)
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    // The reference: greedy answer from the normal encrypted file (stop ids sent).
+    let key_a = SecretKey::from_bytes([0x5a; 32]);
+    let session_a = CipherSession::from_key(tok.clone(), &key_a);
+    let normal = dir.path().join("normal.gguf");
+    encrypt_gguf(&key_a, &plain, &normal, &EncryptOptions::default()).unwrap();
+    let reference = {
+        let fp = key_a.fingerprint();
+        let (guard, client) = start_server(&bin, &normal, &fp.0, dir.path()).await;
+        client.check_fingerprint(&fp).await.unwrap();
+        BlindChat::new(&session_a, &client)
+            .generate(&prompt, GenerateParams::greedy(48), |_, _| {})
+            .await
+            .unwrap_or_else(|e| panic!("generate: {e}\n{}", guard.log_tail()))
+    };
+    assert_eq!(reference.stop_type, StopType::Eos);
+    assert!(reference.text.contains("Paris"), "{:?}", reference.text);
+
+    // A key under which some answer token (not the first) is ciphertext id 2.
+    const LLAMA_DEFAULT_EOS: u32 = 2;
+    let vocab = tok.vocab_size();
+    let (key, at) = (0u32..)
+        .find_map(|n| {
+            let mut b = [0x77; 32];
+            b[..4].copy_from_slice(&n.to_le_bytes());
+            let key = SecretKey::from_bytes(b);
+            let perm = VocabPermutation::derive(&key, vocab);
+            let at = reference.plain_ids[1..]
+                .iter()
+                .position(|&t| perm.encrypt_id(t).unwrap() == LLAMA_DEFAULT_EOS)?;
+            Some((key, at + 1))
+        })
+        .unwrap();
+    let hidden = dir.path().join("hidden.gguf");
+    let opts = EncryptOptions {
+        hide_special_ids: true,
+        ..Default::default()
+    };
+    encrypt_gguf(&key, &plain, &hidden, &opts).unwrap();
+    let session = CipherSession::from_key(tok, &key);
+    let fp = key.fingerprint();
+    let (guard, client) = start_server(&bin, &hidden, &fp.0, dir.path()).await;
+    client.check_fingerprint(&fp).await.unwrap();
+    let props = http_get(client.base_url(), "/props");
+    assert!(
+        props.contains(&format!("\"eos_token\":\"<ct{LLAMA_DEFAULT_EOS}>\"")),
+        "llama.cpp no longer defaults to EOS id {LLAMA_DEFAULT_EOS}: {props}"
+    );
+
+    let params = GenerateParams {
+        hide_stop_ids: true,
+        ..GenerateParams::greedy(48)
+    };
+    let mut streamed = String::new();
+    let out = BlindChat::new(&session, &client)
+        .generate(&prompt, params, |t, _| streamed.push_str(t))
+        .await
+        .unwrap_or_else(|e| panic!("generate: {e}\n{}", guard.log_tail()));
+    eprintln!(
+        "hidden ids: llama-server stopped at ciphertext id {LLAMA_DEFAULT_EOS} (answer token {at}) \
+         and the client went on: {:?}",
+        out.text
+    );
+    assert_eq!(out.cipher_ids[at], LLAMA_DEFAULT_EOS);
+    assert_eq!(out.plain_ids, reference.plain_ids);
+    assert_eq!(out.text, reference.text);
+    assert_eq!(streamed, out.text);
+    assert_eq!(out.stop_type, StopType::Eos);
 }

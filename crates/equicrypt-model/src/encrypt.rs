@@ -14,10 +14,11 @@
 //! at the request's `stop_ids`; the client can send none and stop itself (see
 //! `equicrypt_client::remote::GenerateParams::hide_stop_ids`). Stock llama.cpp fills in its own
 //! defaults for a `"llama"` (SentencePiece) tokenizer without those keys: BOS = id 1, EOS = id 2
-//! (unknown = 0), and treats ciphertext id 2 as end of generation. A client of llama-server must
-//! therefore send `ignore_eos: true`, which makes llama-server add a −∞ logit bias to id 2: the
-//! plaintext token that happens to encrypt to id 2 can then never be generated (greedy output
-//! changes only where that token would have been the argmax).
+//! (unknown = 0), and treats ciphertext id 2 as end of generation, although it is an ordinary
+//! token. `ignore_eos: true` would make llama-server ban id 2 (a −∞ logit bias) and change the
+//! answer, so the client does not send it to llama-server: it lets llama-server stop at id 2 and
+//! continues from there (`equicrypt_client::remote::BlindChat::generate`; greedy answers are
+//! identical, tested against a real llama-server).
 //!
 //! What this hides and what it does not: the file and the requests no longer name the EOS/BOS
 //! ciphertext ids, but the server still sees every stream end right after the EOS id (the client

@@ -43,9 +43,16 @@
 //! disconnect. This keeps the EOS ids out of the request bodies and the model file, but the
 //! server still sees every stream end right after the EOS id (it observes the disconnect), and
 //! chat-template tokens sit at fixed positions of every prompt; the attack lab measures how well
-//! traffic alone identifies them. With llama-server, `ignore_eos` also puts a −∞ logit bias on
-//! the ids it takes as end of generation (id 2 by default when the file names no EOS): that
-//! ciphertext id can then never be generated.
+//! traffic alone identifies them.
+//!
+//! llama-server reads `ignore_eos` as a −∞ logit bias on the id it takes for EOS, and for a file
+//! that names no EOS that is llama.cpp's default id 2, an ordinary ciphertext token: banning it
+//! would change answers. So to llama-server the client sends no `ignore_eos`; when llama-server
+//! stops at an id that is none of the client's stop ids, that id is part of the answer, and
+//! [`BlindChat::generate`] continues with the prompt plus the answer so far (llama-server's prompt
+//! cache makes that one decoding step). Greedy answers are those of a file with the real EOS; a
+//! sampled answer is drawn from the same distribution, but the sampling seed restarts at each
+//! continuation, and the server sees a new request there.
 //!
 //! Invariants: no method panics on anything a server sends; transport failures, non-2xx answers
 //! and malformed bodies or event streams are distinct [`ClientError`] variants.
@@ -422,6 +429,8 @@ pub struct TokenStream {
     draining: bool,
     /// A `Done` was queued: no further server events are read.
     done: bool,
+    /// The stream ended at one of its stop ids (not at a stop of the server's own).
+    at_stop_id: bool,
     /// Nothing more will be returned (after `Done` or an error).
     finished: bool,
 }
@@ -458,6 +467,7 @@ impl TokenStream {
             server_eos: None,
             draining: false,
             done: false,
+            at_stop_id: false,
             finished: false,
         }
     }
@@ -487,6 +497,12 @@ impl TokenStream {
                 return Err(e);
             }
         }
+    }
+
+    /// Whether the stream ended at one of its stop ids, rather than at a stop the server made by
+    /// itself (its own EOS, the length limit) or not yet at all.
+    pub fn ended_at_stop_id(&self) -> bool {
+        self.at_stop_id
     }
 
     fn close(&mut self) {
@@ -536,6 +552,7 @@ impl TokenStream {
         let resp = normalize(self.backend, v)?;
         if self.draining {
             if resp.stop {
+                self.at_stop_id = true;
                 self.finish(StopType::Eos, resp.timings, self.delivered);
             }
             return Ok(());
@@ -551,6 +568,7 @@ impl TokenStream {
                 self.draining = true;
                 return Ok(());
             }
+            self.at_stop_id = true;
             self.finish(StopType::Eos, resp.timings, self.delivered);
             return Ok(());
         }
@@ -597,8 +615,9 @@ pub struct GenerateParams {
     pub parse_special: bool,
     /// Render control tokens in the decrypted text.
     pub render_special: bool,
-    /// Send no stop ids (and `ignore_eos: true`); stop by watching the decrypted stream and
-    /// dropping the connection instead (see the module docs, "Hidden stop ids").
+    /// Send no stop ids (and, except to llama-server, `ignore_eos: true`); stop by watching the
+    /// decrypted stream and dropping the connection instead (see the module docs, "Hidden stop
+    /// ids").
     pub hide_stop_ids: bool,
 }
 
@@ -683,7 +702,13 @@ impl<'a> BlindChat<'a> {
             .session
             .encrypt_prompt(prompt_text, params.parse_special)?;
         let eog = self.session.eog_cipher_ids()?;
-        let req = CompletionRequest {
+        // llama-server turns `ignore_eos` into a −∞ bias on the id it takes for EOS, and with a
+        // file that names no EOS that is an ordinary token (llama.cpp's default id): banning it
+        // would change the answer. So llama-server is left to stop there, and the client
+        // continues past a stop that is not one of its own (see the module docs).
+        let continue_past_server_stops =
+            params.hide_stop_ids && self.client.backend() == Backend::LlamaCpp;
+        let mut req = CompletionRequest {
             prompt: prompt_cipher_ids.clone(),
             n_predict: i64::try_from(params.max_tokens).unwrap_or(i64::MAX),
             temperature: params.temperature,
@@ -697,13 +722,12 @@ impl<'a> BlindChat<'a> {
             } else {
                 eog.clone()
             },
-            ignore_eos: params.hide_stop_ids,
+            ignore_eos: params.hide_stop_ids && !continue_past_server_stops,
             stream: true,
             n_probs: 0,
             return_tokens: Some(true),
             cache_prompt: None,
         };
-        let mut stream = self.client.complete_stream_stopping_at(&req, &eog).await?;
         let mut dec = self.session.decrypt_stream(params.render_special);
         let mut out = BlindOutput {
             text: String::new(),
@@ -713,26 +737,46 @@ impl<'a> BlindChat<'a> {
             prompt_cipher_ids,
             timings: None,
         };
-        while let Some(ev) = stream.next().await? {
-            match ev {
-                StreamEvent::Tokens(ids) => {
-                    let mut piece = String::new();
-                    for &cid in &ids {
-                        let (pid, text) = dec.push_with_id(cid)?;
-                        out.plain_ids.push(pid);
-                        piece.push_str(&text);
+        loop {
+            let mut stream = self.client.complete_stream_stopping_at(&req, &eog).await?;
+            while let Some(ev) = stream.next().await? {
+                match ev {
+                    StreamEvent::Tokens(ids) => {
+                        let mut piece = String::new();
+                        for &cid in &ids {
+                            let (pid, text) = dec.push_with_id(cid)?;
+                            out.plain_ids.push(pid);
+                            piece.push_str(&text);
+                        }
+                        out.cipher_ids.extend_from_slice(&ids);
+                        out.text.push_str(&piece);
+                        on_text(&piece, &ids);
                     }
-                    out.cipher_ids.extend_from_slice(&ids);
-                    out.text.push_str(&piece);
-                    on_text(&piece, &ids);
-                }
-                StreamEvent::Done {
-                    stop_type, timings, ..
-                } => {
-                    out.stop_type = stop_type;
-                    out.timings = timings;
+                    StreamEvent::Done {
+                        stop_type, timings, ..
+                    } => {
+                        out.stop_type = stop_type;
+                        out.timings = timings;
+                    }
                 }
             }
+            let left = params.max_tokens.saturating_sub(out.cipher_ids.len());
+            let false_stop = continue_past_server_stops
+                && out.stop_type == StopType::Eos
+                && !stream.ended_at_stop_id();
+            if !false_stop {
+                break;
+            }
+            if left == 0 {
+                out.stop_type = StopType::Limit;
+                break;
+            }
+            // The server stopped at an id that ends nothing for this client (it is part of the
+            // answer, already delivered): go on from there. llama-server's prompt cache makes
+            // this one decoding step; a sampling seed restarts, greedy answers are unchanged.
+            req.prompt = out.prompt_cipher_ids.clone();
+            req.prompt.extend_from_slice(&out.cipher_ids);
+            req.n_predict = i64::try_from(left).unwrap_or(i64::MAX);
         }
         let tail = dec.finish();
         if !tail.is_empty() {
