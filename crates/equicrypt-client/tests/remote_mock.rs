@@ -424,3 +424,99 @@ async fn connection_refused_is_unreachable() {
     let e = client.check_fingerprint(&fingerprint()).await.unwrap_err();
     assert!(matches!(e, ClientError::Unreachable { .. }), "{e:?}");
 }
+
+/// llama-server with a file that names no EOS takes ciphertext id 2 for one and stops there (it
+/// streams id 2, then its final event). With hidden stop ids the client sends no `ignore_eos`
+/// (which would ban id 2), keeps id 2 as part of the answer, and continues with the prompt plus
+/// the answer so far, until its own stop id.
+#[tokio::test]
+async fn hidden_stop_ids_continue_past_llama_servers_default_eos() {
+    const SERVER_EOS: u32 = 2;
+    // A key under which id 2 is an ordinary token, so it belongs in an answer.
+    let tok = GgufTokenizer::from_metadata(&tiny_metadata()).unwrap();
+    let s = (0u8..)
+        .map(|b| CipherSession::from_key(tok.clone(), &SecretKey::from_bytes([b; 32])))
+        .find(|s| !s.is_eog_cipher(SERVER_EOS).unwrap())
+        .unwrap();
+    let eog = s.eog_cipher_ids().unwrap();
+    let prompt = "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n";
+    let prompt_ids = s.encrypt_prompt(prompt, true).unwrap();
+    // The "model"'s answer: "hello", id 2, " the", id 2, "12", then EOS.
+    let word = |w: &str| {
+        s.encrypt_ids(&s.tokenizer().encode(w, false).unwrap())
+            .unwrap()
+    };
+    let mut answer = word("hello");
+    answer.push(SERVER_EOS);
+    answer.extend(word(" the"));
+    answer.push(SERVER_EOS);
+    answer.extend(word("12"));
+    let expected_plain = s.decrypt_ids(&answer).unwrap();
+    let expected_text = s.tokenizer().decode(&expected_plain).unwrap();
+    answer.push(eog[0]);
+
+    let (answer2, prompt2) = (answer.clone(), prompt_ids.clone());
+    let (url, log) = start(Arc::new(move |method, path, body| {
+        if path == "/props" {
+            return Reply::json(200, &serde_json::json!({"eos_token": "<ct2>"}));
+        }
+        assert_eq!((method, path), ("POST", "/completion"));
+        let req: serde_json::Value = serde_json::from_slice(body).unwrap();
+        assert!(req.get("ignore_eos").is_none(), "{req}");
+        let sent: Vec<u32> = serde_json::from_value(req["prompt"].clone()).unwrap();
+        // The prompt is the user's prompt plus some prefix of the answer.
+        assert_eq!(sent[..prompt2.len()], prompt2[..]);
+        let done = sent.len() - prompt2.len();
+        assert_eq!(sent[prompt2.len()..], answer2[..done]);
+        assert_eq!(req["n_predict"], 16 - done);
+        // Stream on up to and including the next id 2 (then stop as llama-server does), or to
+        // the end of the answer.
+        let rest = &answer2[done..];
+        let end = rest
+            .iter()
+            .position(|&t| t == SERVER_EOS)
+            .map_or(rest.len(), |i| i + 1);
+        let mut text = String::new();
+        for (i, t) in rest[..end].iter().enumerate() {
+            text.push_str(&format!(
+                "data: {}\n\n",
+                serde_json::json!({"tokens": [t], "stop": false, "tokens_predicted": i + 1})
+            ));
+        }
+        text.push_str(&format!(
+            "data: {}\n\n",
+            serde_json::json!({"tokens": [], "stop": true, "stop_type": "eos",
+                "tokens_predicted": end, "timings": {"prompt_n": 1, "predicted_n": end}})
+        ));
+        Reply {
+            status: 200,
+            content_type: "text/event-stream",
+            chunks: pieces(text.as_bytes(), 11),
+        }
+    }))
+    .await;
+
+    let client = RemoteClient::new(&url, Backend::LlamaCpp).unwrap();
+    let params = GenerateParams {
+        hide_stop_ids: true,
+        ..GenerateParams::greedy(16)
+    };
+    let mut streamed = String::new();
+    let out = BlindChat::new(&s, &client)
+        .generate(prompt, params, |t, _| streamed.push_str(t))
+        .await
+        .unwrap();
+    assert_eq!(out.cipher_ids, answer[..answer.len() - 1]);
+    assert_eq!(out.plain_ids, expected_plain);
+    assert_eq!(out.text, expected_text);
+    assert_eq!(streamed, expected_text);
+    assert_eq!(out.stop_type, StopType::Eos);
+    // Three requests: stopped at the first id 2, at the second, then the client's own EOS.
+    let completions = log
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, p, _)| p == "/completion")
+        .count();
+    assert_eq!(completions, 3);
+}
