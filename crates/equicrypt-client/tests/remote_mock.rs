@@ -113,6 +113,15 @@ async fn serve_one(mut sock: TcpStream, h: Arc<Handler>, log: Log) -> std::io::R
     sock.shutdown().await
 }
 
+/// How many requests went to `path`.
+fn requests_to(log: &Log, path: &str) -> usize {
+    log.lock()
+        .unwrap()
+        .iter()
+        .filter(|(_, p, _)| p == path)
+        .count()
+}
+
 fn session() -> CipherSession {
     let tok = GgufTokenizer::from_metadata(&tiny_metadata()).unwrap();
     CipherSession::from_key(tok, &SecretKey::from_bytes([9; 32]))
@@ -512,11 +521,41 @@ async fn hidden_stop_ids_continue_past_llama_servers_default_eos() {
     assert_eq!(streamed, expected_text);
     assert_eq!(out.stop_type, StopType::Eos);
     // Three requests: stopped at the first id 2, at the second, then the client's own EOS.
-    let completions = log
-        .lock()
-        .unwrap()
-        .iter()
-        .filter(|(_, p, _)| p == "/completion")
-        .count();
+    let completions = requests_to(&log, "/completion");
     assert_eq!(completions, 3);
+}
+
+/// A llama-server that stops at once, with no token, is not asked again and again: the answer is
+/// empty and ends with EOS.
+#[tokio::test]
+async fn a_server_stop_without_tokens_ends_the_answer() {
+    let s = session();
+    let (url, log) = start(Arc::new(|_, path, _| {
+        if path == "/props" {
+            return Reply::json(200, &serde_json::json!({"eos_token": "<ct2>"}));
+        }
+        let done = serde_json::json!({"tokens": [], "stop": true, "stop_type": "eos"});
+        Reply {
+            status: 200,
+            content_type: "text/event-stream",
+            chunks: vec![format!("data: {done}\n\n").into_bytes()],
+        }
+    }))
+    .await;
+    let client = RemoteClient::new(&url, Backend::LlamaCpp).unwrap();
+    let params = GenerateParams {
+        hide_stop_ids: true,
+        ..GenerateParams::greedy(16)
+    };
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        BlindChat::new(&s, &client).generate("hi", params, |_, _| {}),
+    )
+    .await
+    .expect("the client kept asking")
+    .unwrap();
+    assert!(out.cipher_ids.is_empty());
+    assert_eq!(out.stop_type, StopType::Eos);
+    let completions = requests_to(&log, "/completion");
+    assert_eq!(completions, 1);
 }

@@ -738,6 +738,7 @@ impl<'a> BlindChat<'a> {
             timings: None,
         };
         loop {
+            let before = out.cipher_ids.len();
             let mut stream = self.client.complete_stream_stopping_at(&req, &eog).await?;
             while let Some(ev) = stream.next().await? {
                 match ev {
@@ -761,9 +762,11 @@ impl<'a> BlindChat<'a> {
                 }
             }
             let left = params.max_tokens.saturating_sub(out.cipher_ids.len());
+            // A stop that produced nothing is taken as final: asking again would loop.
             let false_stop = continue_past_server_stops
                 && out.stop_type == StopType::Eos
-                && !stream.ended_at_stop_id();
+                && !stream.ended_at_stop_id()
+                && out.cipher_ids.len() > before;
             if !false_stop {
                 break;
             }
