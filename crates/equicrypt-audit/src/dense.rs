@@ -21,6 +21,7 @@ use std::path::Path;
 
 use candle_core::quantized::ggml_file::qtensor_from_ggml;
 use candle_core::{Device, Tensor};
+use equicrypt_engine::LlamaConfig;
 use equicrypt_model::GgufFile;
 use rand_chacha::ChaCha20Rng;
 use rand_core::{RngCore, SeedableRng};
@@ -30,27 +31,6 @@ use crate::AuditError;
 /// A batch size for [`DenseLlama::first_token_logits`] that keeps gemm efficient while bounding
 /// memory: 256 ids give `256 × vocab` logits (48 MiB for a 49152-token vocabulary).
 pub const RECOMMENDED_BATCH: usize = 256;
-
-/// Hyper-parameters read from GGUF metadata.
-#[derive(Clone, Debug)]
-struct Config {
-    n_layer: usize,
-    d_model: usize,
-    d_ff: usize,
-    n_head: usize,
-    n_kv_head: usize,
-    head_dim: usize,
-    vocab: usize,
-    context_length: usize,
-    rope_base: f32,
-    rms_eps: f32,
-}
-
-impl Config {
-    fn kv_dim(&self) -> usize {
-        self.n_kv_head * self.head_dim
-    }
-}
 
 /// One transformer block, every matrix dequantized and stored `[out, in]`.
 struct Layer {
@@ -66,7 +46,7 @@ struct Layer {
 
 /// A LLaMA model with every weight dequantized to `f32`, evaluated in batches.
 pub struct DenseLlama {
-    cfg: Config,
+    cfg: LlamaConfig,
     /// `[vocab, d_model]`.
     embedding: Tensor,
     layers: Vec<Layer>,
@@ -86,23 +66,6 @@ impl std::fmt::Debug for DenseLlama {
 /// Maps a candle error of a forward pass.
 fn compute(e: candle_core::Error) -> AuditError {
     AuditError::Compute(e.to_string().lines().next().unwrap_or("").to_string())
-}
-
-fn meta_usize(f: &GgufFile, key: &str) -> Result<usize, AuditError> {
-    let v = f.meta_u64(key)?;
-    usize::try_from(v).map_err(|_| AuditError::Mismatch(format!("'{key}' = {v} is too large")))
-}
-
-fn meta_f32(f: &GgufFile, key: &str) -> Result<Option<f32>, AuditError> {
-    use candle_core::quantized::gguf_file::Value;
-    match f.meta(key) {
-        None => Ok(None),
-        Some(Value::F32(x)) => Ok(Some(*x)),
-        Some(Value::F64(x)) => Ok(Some(*x as f32)),
-        Some(other) => Err(AuditError::Mismatch(format!(
-            "'{key}' should be a float, found {other:?}"
-        ))),
-    }
 }
 
 /// Reads and dequantizes tensor `name`, checking its shape (outermost first).
@@ -195,71 +158,10 @@ impl DenseLlama {
     /// tensors, inconsistent sizes, tensor types candle cannot dequantize.
     pub fn load(path: &Path) -> Result<Self, AuditError> {
         let mut f = GgufFile::open(path)?;
-        let arch = f.meta_str("general.architecture")?;
-        if arch != "llama" {
-            return Err(AuditError::Mismatch(format!(
-                "architecture '{arch}' is not llama"
-            )));
-        }
-        let n_layer = meta_usize(&f, "llama.block_count")?;
-        let d_model = meta_usize(&f, "llama.embedding_length")?;
-        let d_ff = meta_usize(&f, "llama.feed_forward_length")?;
-        let n_head = meta_usize(&f, "llama.attention.head_count")?;
-        let n_kv_head = match f.meta("llama.attention.head_count_kv") {
-            Some(_) => meta_usize(&f, "llama.attention.head_count_kv")?,
-            None => n_head,
-        };
-        let context_length = meta_usize(&f, "llama.context_length")?;
-        let rope_base = meta_f32(&f, "llama.rope.freq_base")?.unwrap_or(10000.0);
-        let eps_key = "llama.attention.layer_norm_rms_epsilon";
-        let rms_eps = meta_f32(&f, eps_key)?
-            .ok_or_else(|| AuditError::Mismatch(format!("missing '{eps_key}'")))?;
-        let (vocab, d_emb) = f.tensor("token_embd.weight")?.rows_cols();
-        let bad = |m: String| Err(AuditError::Mismatch(m));
-        if n_layer == 0 || d_model == 0 || d_ff == 0 || n_head == 0 || n_kv_head == 0 || vocab == 0
-        {
-            return bad("every model size must be non-zero".into());
-        }
-        if d_emb != d_model {
-            return bad(format!(
-                "token_embd has {d_emb} columns, embedding_length is {d_model}"
-            ));
-        }
-        let head_dim = d_model / n_head;
-        if head_dim * n_head != d_model || !head_dim.is_multiple_of(2) {
-            return bad(format!(
-                "{n_head} heads do not split d_model {d_model} into even head dims"
-            ));
-        }
-        if !n_head.is_multiple_of(n_kv_head) {
-            return bad(format!(
-                "{n_head} heads are not a multiple of {n_kv_head} kv heads"
-            ));
-        }
-        if !(rms_eps.is_finite() && rms_eps >= 0.0 && rope_base.is_finite() && rope_base > 0.0) {
-            return bad(format!("bad rms_eps {rms_eps} or rope base {rope_base}"));
-        }
-        if f.meta("llama.rope.dimension_count").is_some() {
-            let rd = meta_usize(&f, "llama.rope.dimension_count")?;
-            if rd != head_dim {
-                return bad(format!(
-                    "partial RoPE ({rd} of {head_dim} dims) is not supported"
-                ));
-            }
-        }
-        let cfg = Config {
-            n_layer,
-            d_model,
-            d_ff,
-            n_head,
-            n_kv_head,
-            head_dim,
-            vocab,
-            context_length,
-            rope_base,
-            rms_eps,
-        };
-        let (d, ff, kv) = (d_model, d_ff, cfg.kv_dim());
+        let cfg =
+            LlamaConfig::from_gguf(&f.content).map_err(|e| AuditError::Mismatch(e.to_string()))?;
+        let (vocab, n_layer) = (cfg.vocab_size, cfg.n_layer);
+        let (d, ff, kv) = (cfg.d_model, cfg.d_ff, cfg.kv_dim());
         let embedding = read_stacked(&mut f, &[("token_embd.weight", vocab)], d)?;
         let mut layers = Vec::with_capacity(n_layer);
         for l in 0..n_layer {
@@ -294,7 +196,7 @@ impl DenseLlama {
 
     /// Number of token ids (rows of `token_embd.weight`).
     pub fn vocab(&self) -> usize {
-        self.cfg.vocab
+        self.cfg.vocab_size
     }
 
     /// Width of the residual stream.
@@ -308,10 +210,10 @@ impl DenseLlama {
     }
 
     fn check_ids(&self, ids: &[u32]) -> Result<(), AuditError> {
-        match ids.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+        match ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
             Some(t) => Err(AuditError::InvalidInput(format!(
                 "token id {t} is outside the vocabulary of {}",
-                self.cfg.vocab
+                self.cfg.vocab_size
             ))),
             None => Ok(()),
         }
@@ -569,11 +471,11 @@ impl DenseLlama {
         let mut rng = ChaCha20Rng::seed_from_u64(seed);
         let mut cache = self.new_cache(starts.len(), len);
         let mut current = starts.to_vec();
-        let mut probs = vec![0f32; self.cfg.vocab];
+        let mut probs = vec![0f32; self.cfg.vocab_size];
         for step in 1..=len {
             let logits = self.step(&mut cache, &current)?;
             for ((row, seq), cur) in logits
-                .chunks_exact(self.cfg.vocab)
+                .chunks_exact(self.cfg.vocab_size)
                 .zip(&mut seqs)
                 .zip(&mut current)
             {
@@ -620,7 +522,7 @@ pub(crate) mod tests {
     /// Straightforward per-sequence full-attention forward in plain `f32` loops.
     struct Reference {
         t: HashMap<String, Vec<f32>>,
-        c: Config,
+        c: LlamaConfig,
     }
 
     impl Reference {

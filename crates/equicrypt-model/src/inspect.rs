@@ -127,19 +127,22 @@ pub fn leak_check(f: &GgufFile) -> Vec<String> {
     found
 }
 
+/// Metadata keys that hold token ids (ciphertext ids in an encrypted file).
+pub(crate) const TOKEN_ID_KEYS: [&str; 6] = [
+    "tokenizer.ggml.bos_token_id",
+    "tokenizer.ggml.eos_token_id",
+    "tokenizer.ggml.unknown_token_id",
+    "tokenizer.ggml.padding_token_id",
+    "tokenizer.ggml.seperator_token_id",
+    "tokenizer.ggml.eot_token_id",
+];
+
 /// Which special-token ids an encrypted file names in its metadata (ciphertext ids of an
 /// encrypted file): `(metadata key, id)` pairs; empty when they are hidden
 /// (`encrypt --hide-special-ids`).
 pub fn revealed_special_ids(f: &GgufFile) -> Vec<(String, u64)> {
-    [
-        "tokenizer.ggml.bos_token_id",
-        "tokenizer.ggml.eos_token_id",
-        "tokenizer.ggml.unknown_token_id",
-        "tokenizer.ggml.padding_token_id",
-        "tokenizer.ggml.seperator_token_id",
-        "tokenizer.ggml.eot_token_id",
-    ]
-    .iter()
-    .filter_map(|k| f.meta_u64(k).ok().map(|v| (k.to_string(), v)))
-    .collect()
+    TOKEN_ID_KEYS
+        .iter()
+        .filter_map(|k| f.meta_u64(k).ok().map(|v| (k.to_string(), v)))
+        .collect()
 }

@@ -32,6 +32,7 @@ use equicrypt_core::{KeyFingerprint, Permutation, SecretKey, TensorTransform, Vo
 
 use crate::encrypt::EncryptedModelInfo;
 use crate::gguf::{GgufFile, GgufWriter, TensorEntry, TensorHeader};
+use crate::inspect::TOKEN_ID_KEYS;
 use crate::quant::{transform_tensor, BlockFormat};
 use crate::ModelError;
 
@@ -40,16 +41,6 @@ pub const META_SESSION: &str = "equicrypt.session";
 
 /// Tensors whose rows are indexed by vocabulary id.
 pub const VOCAB_TENSORS: [&str; 2] = ["token_embd.weight", "output.weight"];
-
-/// Metadata keys holding token ids (mapped through `σ_s` when present).
-const ID_KEYS: [&str; 6] = [
-    "tokenizer.ggml.bos_token_id",
-    "tokenizer.ggml.eos_token_id",
-    "tokenizer.ggml.unknown_token_id",
-    "tokenizer.ggml.padding_token_id",
-    "tokenizer.ggml.seperator_token_id",
-    "tokenizer.ggml.eot_token_id",
-];
 
 /// The session label of a re-keyed model, if the file is one.
 pub fn session_label(f: &GgufFile) -> Option<String> {
@@ -296,7 +287,7 @@ fn session_metadata(
 ) -> Result<Vec<(String, Value)>, ModelError> {
     let mut meta: Vec<(String, Value)> = Vec::with_capacity(f.content.metadata.len() + 1);
     for (k, v) in &f.content.metadata {
-        let v = if ID_KEYS.contains(&k.as_str()) {
+        let v = if TOKEN_ID_KEYS.contains(&k.as_str()) {
             let id = f.meta_u64(k)?;
             let id = u32::try_from(id)
                 .ok()
@@ -391,7 +382,7 @@ mod tests {
                 assert_eq!(fs.meta_u64(k).unwrap() as u32, sigma.apply(a));
             }
             for (k, v) in &fe.content.metadata {
-                if !ID_KEYS.contains(&k.as_str()) {
+                if !TOKEN_ID_KEYS.contains(&k.as_str()) {
                     assert_eq!(
                         format!("{v:?}"),
                         format!("{:?}", fs.meta(k).unwrap()),
