@@ -70,8 +70,10 @@ enum Command {
         /// Encrypted GGUF to write.
         #[arg(long)]
         out: PathBuf,
-        /// Key space: `exact` (bit-identical logits, the default) or `full` (also moves blocks and heads).
-        #[arg(long, default_value = "exact")]
+        /// Key space: `stock` (bit-identical logits in our engine and stock llama.cpp, the
+        /// default), `exact` (bit-identical in our engine only: larger hidden key space) or `full`
+        /// (also moves blocks and heads; equal to rounding everywhere).
+        #[arg(long, default_value = "stock")]
         mode: String,
         /// Replace an existing output file.
         #[arg(long)]

@@ -108,18 +108,20 @@ proptest! {
         prop_assert!(err <= 1e-5, "relative error {err}");
     }
 
-    /// Block-quantized models in exact mode: decrypted logits are bit-identical.
+    /// Block-quantized models in exact and stock mode: decrypted logits are bit-identical.
     #[test]
-    fn quantized_models_are_bit_exact_in_exact_mode(
+    fn quantized_models_are_bit_exact_in_exact_and_stock_mode(
         shape in shapes(),
         key in any::<[u8; 32]>(),
         seed in any::<u64>(),
         matrix in quant_types(),
         embed in quant_types(),
+        stock in any::<bool>(),
         ids in proptest::collection::vec(0u32..64, 1..12),
     ) {
         let m = SyntheticLlama { shape, matrix_dtype: matrix, embed_dtype: embed, untied_head: seed % 2 == 0, seed };
-        let (a, b) = run_pair(&m, &SecretKey::from_bytes(key), PermMode::Exact, &ids);
+        let mode = if stock { PermMode::Stock } else { PermMode::Exact };
+        let (a, b) = run_pair(&m, &SecretKey::from_bytes(key), mode, &ids);
         let same = a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits());
         prop_assert!(same, "{matrix:?}/{embed:?}: max rel err {}", max_rel_err(&a, &b));
     }

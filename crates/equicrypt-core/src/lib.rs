@@ -15,7 +15,7 @@ mod permutation;
 pub use key::{KeyFingerprint, SecretKey, KEY_FILE_HEADER};
 pub use llama::{
     validate_session_label, LayerTransforms, LlamaPlan, LlamaShape, PermMode, ResidualPermutation,
-    TensorTransform, VocabPermutation, MAX_SESSION_LABEL, QUANT_BLOCK,
+    TensorTransform, VocabPermutation, LANE_GROUP, MAX_SESSION_LABEL, QUANT_BLOCK,
 };
 pub use permutation::Permutation;
 

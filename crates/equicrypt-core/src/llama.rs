@@ -11,16 +11,28 @@
 //! - per kv head a sign flip of whole RoPE pairs `(2i, 2i+1)` on Q and K rows (rule 8): the only
 //!   lossless transform of Q/K head dims that commutes with RoPE.
 //!
-//! [`PermMode::Exact`] keeps every permuted input axis *inside* its aligned 32-value groups and
-//! leaves heads in place, so that every floating-point reduction over a permuted axis runs in the
-//! same order and an engine with order-independent norms gives bit-identical logits.
-//! [`PermMode::Full`] also moves whole 32-blocks and heads: a larger key space, but the reduction
-//! order changes, so logits agree only to rounding.
+//! Three modes trade key space for exactness (see `docs/ee-math.md`, "Exactness by engine"):
+//! - [`PermMode::Stock`] (the default) keeps every permuted input axis inside aligned groups of
+//!   [`LANE_GROUP`] = 4 values and leaves heads in place. Stock llama.cpp's x86 kernels (AVX2, and
+//!   the scalar path) add the four int8 products of each aligned 4-group into one 32-bit integer
+//!   lane before any floating-point step, so a permutation inside those groups leaves every float
+//!   operation unchanged: bit-identical logits on stock llama.cpp *and* in our engine.
+//! - [`PermMode::Exact`] keeps every permuted input axis *inside* its aligned 32-value groups and
+//!   leaves heads in place, so that every floating-point reduction over a permuted axis runs in the
+//!   same order in an engine that sums integers across a whole block (ours): bit-identical there,
+//!   equal only to rounding on stock llama.cpp (its lanes change).
+//! - [`PermMode::Full`] also moves whole 32-blocks and heads: a larger key space, but the reduction
+//!   order changes, so logits agree only to rounding in every engine.
 
 use crate::{CoreError, Permutation, SecretKey};
 
 /// Values per quantization block along a tensor's input axis (Q4_0 … Q8_0).
 pub const QUANT_BLOCK: usize = 32;
+
+/// Values whose products stock llama.cpp's x86 quantized dot products sum as integers in one SIMD
+/// lane (`maddubs` + `madd`: four adjacent int8 products per 32-bit lane) before any float
+/// operation: the permutation group of [`PermMode::Stock`].
+pub const LANE_GROUP: usize = 4;
 
 /// Hyper-parameters of a LLaMA-family model that the plan depends on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -83,10 +95,14 @@ impl LlamaShape {
 
 /// Which part of the key space a plan draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
 pub enum PermMode {
-    /// Permutations inside aligned 32-value groups only, heads fixed: bit-exact in an engine whose
-    /// reductions over permuted axes are order-independent. The default.
+    /// Permutations inside aligned [`LANE_GROUP`]-value groups only, heads fixed: bit-exact in our
+    /// engine and in stock llama.cpp (x86 AVX2 and scalar kernels). The default.
     #[default]
+    Stock,
+    /// Permutations inside aligned 32-value groups only, heads fixed: bit-exact in an engine whose
+    /// reductions over permuted axes are order-independent inside a block (ours).
     Exact,
     /// Also moves whole blocks and heads: larger key space, logits equal only to rounding.
     Full,
@@ -96,6 +112,7 @@ impl PermMode {
     /// The name stored in encrypted model metadata.
     pub fn as_str(self) -> &'static str {
         match self {
+            PermMode::Stock => "perm-stock",
             PermMode::Exact => "perm-exact",
             PermMode::Full => "perm-full",
         }
@@ -104,6 +121,7 @@ impl PermMode {
     /// Parses [`PermMode::as_str`] output.
     pub fn parse(s: &str) -> Result<Self, CoreError> {
         match s {
+            "perm-stock" | "stock" => Ok(PermMode::Stock),
             "perm-exact" | "exact" => Ok(PermMode::Exact),
             "perm-full" | "full" => Ok(PermMode::Full),
             other => Err(CoreError::UnknownMode(other.to_string())),
@@ -271,8 +289,9 @@ pub struct LlamaPlan {
     pub layers: Vec<LayerTransforms>,
 }
 
-/// A permutation of `0..n` (n a multiple of 32) that moves values only inside 32-groups
-/// (`Exact`) or also moves the groups (`Full`).
+/// A permutation of `0..n` (n a multiple of 32) that moves values only inside aligned
+/// [`LANE_GROUP`]-groups (`Stock`), only inside 32-groups (`Exact`) or also moves the 32-groups
+/// (`Full`). Exact and Full draw exactly what they drew before Stock existed (golden vectors).
 fn block_structured(
     key: &SecretKey,
     label: &str,
@@ -285,13 +304,17 @@ fn block_structured(
         )));
     }
     let mut rng = key.stream(label);
-    let groups = n / QUANT_BLOCK;
+    let group = match mode {
+        PermMode::Stock => LANE_GROUP,
+        PermMode::Exact | PermMode::Full => QUANT_BLOCK,
+    };
+    let groups = n / group;
     let outer = match mode {
-        PermMode::Exact => Permutation::identity(groups),
+        PermMode::Stock | PermMode::Exact => Permutation::identity(groups),
         PermMode::Full => Permutation::random(groups, &mut rng),
     };
     let inner: Vec<Permutation> = (0..groups)
-        .map(|_| Permutation::random(QUANT_BLOCK, &mut rng))
+        .map(|_| Permutation::random(group, &mut rng))
         .collect();
     Ok(Permutation::blocked(&outer, &inner))
 }
@@ -327,7 +350,7 @@ impl LlamaPlan {
         // Head movement: kv heads, and query heads inside each group.
         let mut heads_rng = key.stream(&format!("heads/{l}"));
         let (kv_perm, q_in_group): (Permutation, Vec<Permutation>) = match mode {
-            PermMode::Exact => (
+            PermMode::Stock | PermMode::Exact => (
                 Permutation::identity(s.n_kv_head),
                 vec![Permutation::identity(group); s.n_kv_head],
             ),
@@ -471,6 +494,29 @@ mod tests {
             assert!(l.o_cols.is_within_groups(QUANT_BLOCK));
             assert!(l.q_rows.is_identity() && l.k_rows.is_identity());
         }
+    }
+
+    #[test]
+    fn stock_mode_stays_inside_lane_groups() {
+        let p = LlamaPlan::derive(&key(1), shape(), PermMode::Stock).unwrap();
+        assert!(p.residual.0.is_within_groups(LANE_GROUP));
+        assert!(!p.residual.0.is_identity());
+        for l in &p.layers {
+            assert!(l.ffn.is_within_groups(LANE_GROUP) && !l.ffn.is_identity());
+            assert!(l.o_cols.is_within_groups(LANE_GROUP) && !l.o_cols.is_identity());
+            assert!(l.v_rows.is_within_groups(LANE_GROUP));
+            assert!(l.q_rows.is_identity() && l.k_rows.is_identity());
+            assert!(
+                l.q_negate.iter().any(|&n| n),
+                "sign flips stay on in stock mode"
+            );
+        }
+        assert_eq!(PermMode::default(), PermMode::Stock);
+        assert_eq!(PermMode::parse("stock").unwrap(), PermMode::Stock);
+        assert_eq!(
+            PermMode::parse(PermMode::Stock.as_str()).unwrap(),
+            PermMode::Stock
+        );
     }
 
     #[test]

@@ -41,10 +41,10 @@ fn encrypted_file_matches_plan_and_hides_vocabulary() {
     let mut enc = GgufFile::open(&enc_p).unwrap();
     let info = EncryptedModelInfo::read(&enc).unwrap();
     info.check_key(&key).unwrap();
-    assert_eq!(info.mode, PermMode::Exact);
+    assert_eq!(info.mode, PermMode::Stock, "stock is the default mode");
     assert!(leak_check(&enc).is_empty(), "{:?}", leak_check(&enc));
 
-    let plan = LlamaPlan::derive(&key, llama_shape(&plain).unwrap(), PermMode::Exact).unwrap();
+    let plan = LlamaPlan::derive(&key, llama_shape(&plain).unwrap(), PermMode::Stock).unwrap();
     let eos = enc
         .meta("tokenizer.ggml.eos_token_id")
         .unwrap()
@@ -170,7 +170,7 @@ fn encryption_is_deterministic() {
     let p = dir.path().join("p.gguf");
     q41_model(5).write(&p).unwrap();
     let key = SecretKey::from_bytes([5; 32]);
-    for mode in [PermMode::Exact, PermMode::Full] {
+    for mode in [PermMode::Stock, PermMode::Exact, PermMode::Full] {
         let opts = EncryptOptions {
             mode,
             ..Default::default()
@@ -189,14 +189,10 @@ fn encryption_is_deterministic() {
 #[test]
 fn golden_encrypted_file_digest() {
     let dir = tempfile::tempdir().unwrap();
-    let (p, e) = (dir.path().join("p.gguf"), dir.path().join("e.gguf"));
+    let p = dir.path().join("p.gguf");
     q41_model(42).write(&p).unwrap();
     let key = SecretKey::from_bytes(*b"equicrypt golden key 0123456789!");
-    encrypt_gguf(&key, &p, &e, &EncryptOptions::default()).unwrap();
     let plain_digest = blake3::hash(&std::fs::read(&p).unwrap())
-        .to_hex()
-        .to_string();
-    let enc_digest = blake3::hash(&std::fs::read(&e).unwrap())
         .to_hex()
         .to_string();
     // The plaintext digest pins the synthetic model itself (so a failure below is ours).
@@ -204,10 +200,29 @@ fn golden_encrypted_file_digest() {
         plain_digest,
         "590ccbc3ea9a87c10e46e27eaf288122dd94548d0dc6d84f63de08a49d3f92c2"
     );
-    assert_eq!(
-        enc_digest,
-        "2c796b9312a720b007ad3ce255e452b8655d07330963f635809cf6753d422223"
-    );
+    // `exact` is the digest pinned before the stock mode existed (the refactor guard);
+    // `stock` pins the default mode.
+    for (mode, want) in [
+        (
+            PermMode::Exact,
+            "2c796b9312a720b007ad3ce255e452b8655d07330963f635809cf6753d422223",
+        ),
+        (
+            PermMode::Stock,
+            "89e2f5a5327ece744a43cd6bf684d9ae90bee164b0c7a5bebb2114b76b6c8a14",
+        ),
+    ] {
+        let e = dir.path().join(format!("{}.gguf", mode.as_str()));
+        let opts = EncryptOptions {
+            mode,
+            ..Default::default()
+        };
+        encrypt_gguf(&key, &p, &e, &opts).unwrap();
+        let enc_digest = blake3::hash(&std::fs::read(&e).unwrap())
+            .to_hex()
+            .to_string();
+        assert_eq!(enc_digest, want, "{mode:?}");
+    }
 }
 
 /// A GGUF of another architecture is refused with its name, before anything is written.
