@@ -25,13 +25,11 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-ids", default="", help="comma-separated token ids")
-    lc.add_load_args(ap)
     a = ap.parse_args()
 
     prompt = lc.parse_ids(a.prompt_ids)
     n_tokens = max(1, a.tokens)
-    llm = lc.load(a.model, a.threads, max(512, len(prompt) + n_tokens + 8), False,
-                  a.ubatch, a.no_repack)
+    llm = lc.load(a.model, a.threads, max(512, len(prompt) + n_tokens + 8), False)
     if not prompt:
         bos = llm.token_bos()
         prompt = [bos if bos >= 0 else 0]

@@ -1,25 +1,18 @@
 """Shared helpers for the llama.cpp (llama-cpp-python) scripts of equicrypt.
 
-Loading policy (why n_ubatch defaults to 1)
--------------------------------------------
-On CPUs with Intel AMX (this build machine: Sapphire-Rapids class, `amx_int8`/`amx_tile`), llama.cpp
-places Q4_1/Q8_0 weights in the AMX "extra" buffer type (weight repacking). Any micro-batch of more
-than one token then runs `ggml_backend_amx_mul_mat`, which segfaults in llama-cpp-python 0.3.36
-(observed with gdb: SIGSEGV in ggml_backend_amx_mul_mat). Single-token micro-batches take the
-vector path and work. Two ways out:
-
-* n_ubatch = 1 (default here): stock kernels and weight layout, bit-deterministic run to run;
-  prefill is slower (one token per graph) but still ~100 tok/s on one thread for SmolLM2-135M.
-* use_extra_bufts = False (`--no-repack`, forced automatically when --ubatch > 1 on an AMX CPU):
-  plain ggml CPU kernels, batched prefill works, but decode is ~40 % slower on this machine and
-  the logits then depend on the micro-batch size (not bit-identical to n_ubatch = 1).
+Build and loading policy
+------------------------
+llama.cpp comes from `scripts/build-llamacpp.sh`: one portable build (AVX2/FMA/F16C, no AVX-512, no
+AMX, no native tuning) so that an Intel and an AMD host run the same kernels. `load` refuses any
+other build (see `system_info_is_portable`), so a test can never silently measure a host-tuned
+library. Models load with llama.cpp's defaults (batched prefill, weight repacking on) and fixed
+thread counts.
 
 All helpers print progress to stderr only; stdout is reserved for the JSON result.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
 import sys
@@ -32,31 +25,22 @@ def log(*args) -> None:
     print(*args, file=sys.stderr, flush=True)
 
 
-def _cpu_has_amx() -> bool:
-    try:
-        with open("/proc/cpuinfo", "r", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return "amx_tile" in line.split()
-    except OSError:
-        pass
-    return False
+def system_info() -> str:
+    import llama_cpp
+
+    return llama_cpp.llama_print_system_info().decode("utf-8", "replace").strip()
 
 
-def add_load_args(p) -> None:
-    """Adds --ubatch / --no-repack to an argparse parser."""
-    p.add_argument(
-        "--ubatch",
-        type=int,
-        default=int(os.environ.get("EQUICRYPT_LLAMACPP_UBATCH", "1")),
-        help="llama.cpp n_ubatch (default 1: larger micro-batches crash the AMX kernels of "
-        "llama-cpp-python 0.3.36 on AMX CPUs; >1 on such a CPU implies --no-repack)",
-    )
-    p.add_argument(
-        "--no-repack",
-        action="store_true",
-        help="disable llama.cpp extra buffer types (weight repacking, AMX)",
-    )
+def system_info_is_portable(info: str) -> bool:
+    """True for the portable build: AVX2 on, every AVX-512, AVX-VNNI and AMX feature off."""
+    flags = {}
+    for part in info.replace("|", "\n").splitlines():
+        if " = " in part:
+            k, v = part.rsplit(" = ", 1)
+            flags[k.split(":")[-1].strip()] = v.strip()
+    wide = [k for k, v in flags.items()
+            if v == "1" and (k.startswith("AVX512") or k.startswith("AMX") or k == "AVX_VNNI")]
+    return flags.get("AVX2") == "1" and not wide
 
 
 def llama_version() -> str:
@@ -65,44 +49,27 @@ def llama_version() -> str:
     return getattr(llama_cpp, "__version__", "unknown")
 
 
-def load(path: str, threads: int, n_ctx: int, logits_all: bool, ubatch: int = 1,
-         no_repack: bool = False):
-    """Loads a GGUF with llama-cpp-python, quietly, with the policy described above."""
-    import llama_cpp.llama_cpp as C
+def load(path: str, threads: int, n_ctx: int, logits_all: bool):
+    """Loads a GGUF with llama-cpp-python, quietly, after checking the build is the portable one."""
+    info = system_info()
+    if not system_info_is_portable(info) and os.environ.get("EQUICRYPT_ALLOW_NATIVE_LLAMACPP") != "1":
+        raise SystemExit(
+            "error: llama-cpp-python is not the portable build (run scripts/build-llamacpp.sh); "
+            f"system info: {info}")
+    from llama_cpp import Llama
 
-    ubatch = max(1, int(ubatch))
-    if ubatch > 1 and not no_repack and _cpu_has_amx():
-        log("note: --ubatch > 1 on an AMX CPU: disabling weight repacking (AMX kernels crash)")
-        no_repack = True
-
-    orig = C.llama_model_default_params
-    if no_repack:
-        def patched():
-            p = orig()
-            p.use_extra_bufts = False
-            return p
-
-        C.llama_model_default_params = patched
-    try:
-        from llama_cpp import Llama
-
-        t0 = time.perf_counter()
-        llm = Llama(
-            model_path=path,
-            n_ctx=n_ctx,
-            n_batch=max(ubatch, min(512, n_ctx)),
-            n_ubatch=ubatch,
-            n_threads=threads,
-            n_threads_batch=threads,
-            logits_all=logits_all,
-            n_gpu_layers=0,
-            verbose=False,
-        )
-        log(f"loaded {path} in {time.perf_counter() - t0:.2f}s "
-            f"(n_ctx={n_ctx}, n_ubatch={ubatch}, repack={'off' if no_repack else 'on'}, "
-            f"threads={threads})")
-    finally:
-        C.llama_model_default_params = orig
+    t0 = time.perf_counter()
+    llm = Llama(
+        model_path=path,
+        n_ctx=n_ctx,
+        n_batch=min(512, n_ctx),
+        n_threads=threads,
+        n_threads_batch=threads,
+        logits_all=logits_all,
+        n_gpu_layers=0,
+        verbose=False,
+    )
+    log(f"loaded {path} in {time.perf_counter() - t0:.2f}s (n_ctx={n_ctx}, threads={threads}; {info})")
     return llm
 
 

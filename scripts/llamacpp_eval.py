@@ -11,7 +11,7 @@ JOB.json (written by `equicrypt verify --engine llamacpp`):
    "gen_tokens": 32, "stop_plain": [...], "stop_cipher": [...], "threads": T}
 
 Prints one JSON object to stdout:
-  {"engine": "llama.cpp <version>",
+  {"engine": "llama.cpp <version>", "engine_build": "<llama_print_system_info>",
    "logits": {"tokens", "bit_identical_rows", "max_abs_logit_diff", "top1_agreement",
               "mean_kl", "max_kl", "perplexity_plain", "perplexity_encrypted"},
    "generation": {"prompts", "identical", "token_agreement", "sample_answer"}}
@@ -103,7 +103,6 @@ def main() -> int:
     ap.add_argument("--job", required=True)
     ap.add_argument("--threads", type=int, default=None, help="overrides the job's threads")
     ap.add_argument("--n-ctx", type=int, default=2048)
-    lc.add_load_args(ap)
     a = ap.parse_args()
 
     with open(a.job, "r", encoding="utf-8") as f:
@@ -133,7 +132,7 @@ def main() -> int:
     chunk = n_ctx - 1  # a fresh context per chunk; one chunk when len(ids) + 1 <= n_ctx
 
     lc.log(f"plaintext model: {len(ids)} text tokens, {len(prompts)} prompts")
-    llm = lc.load(a.plain, threads, n_ctx, True, a.ubatch, a.no_repack)
+    llm = lc.load(a.plain, threads, n_ctx, True)
     if lc.n_vocab(llm) != len(perm):
         lc.log(f"error: vocab {lc.n_vocab(llm)} != perm length {len(perm)}")
         return 2
@@ -142,7 +141,7 @@ def main() -> int:
     del llm
 
     lc.log("encrypted model")
-    llm = lc.load(a.encrypted, threads, n_ctx, True, a.ubatch, a.no_repack)
+    llm = lc.load(a.encrypted, threads, n_ctx, True)
     if lc.n_vocab(llm) != len(perm):
         lc.log(f"error: encrypted vocab {lc.n_vocab(llm)} != perm length {len(perm)}")
         return 2
@@ -169,6 +168,7 @@ def main() -> int:
 
     result = {
         "engine": "llama.cpp " + lc.llama_version(),
+        "engine_build": lc.system_info(),
         "logits": metrics,
         "generation": {
             "prompts": len(prompts),

@@ -44,7 +44,6 @@ def main() -> int:
     ap.add_argument("--plain-prompt-ids", default=None)
     ap.add_argument("--no-completion", action="store_true",
                     help="skip the create_completion cross-check")
-    lc.add_load_args(ap)
     a = ap.parse_args()
 
     prompt = lc.parse_ids(a.prompt_cipher_ids)
@@ -54,7 +53,7 @@ def main() -> int:
     n_ctx = max(512, len(prompt) + a.max_tokens + 8)
     res = {"engine": "llama.cpp " + lc.llama_version()}
 
-    llm = lc.load(a.encrypted, a.threads, n_ctx, False, a.ubatch, a.no_repack)
+    llm = lc.load(a.encrypted, a.threads, n_ctx, False)
     md = llm.metadata
     nv = lc.n_vocab(llm)
     res["vocab"] = nv
@@ -100,8 +99,7 @@ def main() -> int:
         if not pp:
             lc.log("error: --plain needs --plain-prompt-ids")
             return 2
-        llm = lc.load(a.plain, a.threads, max(512, len(pp) + a.max_tokens + 8), False,
-                      a.ubatch, a.no_repack)
+        llm = lc.load(a.plain, a.threads, max(512, len(pp) + a.max_tokens + 8), False)
         pout, pstop = lc.greedy(llm, pp, a.max_tokens, use_model_eog=True)
         res["plain_output"] = pout
         res["plain_stopped_at_eos"] = pstop is not None

@@ -12,6 +12,8 @@ use clap::Args;
 use equicrypt_engine::{generate, Engine, SamplingParams};
 use serde::{Deserialize, Serialize};
 
+use equicrypt_core::{EngineKind, Exactness};
+
 use crate::keyfile;
 use crate::session::{load_encrypted, load_plain, ClientSide};
 
@@ -153,6 +155,15 @@ pub struct GenerationReport {
 pub struct VerifyReport {
     /// Engine that produced it.
     pub engine: String,
+    /// How the engine was built (llama.cpp's system info), when it reports it.
+    #[serde(default)]
+    pub engine_build: String,
+    /// The CPU this ran on and its vector extensions.
+    #[serde(default)]
+    pub host: String,
+    /// What the mode promises on this engine (`bit-identical logits` or `equal up to rounding`).
+    #[serde(default)]
+    pub promised: String,
     /// Encryption mode of the model.
     #[serde(default)]
     pub mode: String,
@@ -168,10 +179,7 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     let client = ClientSide::load(&a.pair.plain, &key)?;
     let mode = {
         let f = equicrypt_model::GgufFile::open(&a.pair.encrypted)?;
-        equicrypt_model::EncryptedModelInfo::read(&f)?
-            .mode
-            .as_str()
-            .to_string()
+        equicrypt_model::EncryptedModelInfo::read(&f)?.mode
     };
     let text = match &a.text {
         Some(p) => {
@@ -195,17 +203,75 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     if ids.len() < 2 {
         bail!("the evaluation text is too short ({} tokens)", ids.len());
     }
-    let report = match a.engine.as_str() {
-        "equicrypt" => run_ours(a, &key, &client, &ids, &prompts, mode)?,
-        "llamacpp" => run_llamacpp(a, &client, &ids, &prompts, mode)?,
+    let engine = match a.engine.as_str() {
+        "equicrypt" => EngineKind::Equicrypt,
+        "llamacpp" => EngineKind::LlamaCppPortable,
         other => bail!("unknown engine '{other}' (expected equicrypt or llamacpp)"),
     };
+    let mut report = match engine {
+        EngineKind::LlamaCppPortable => run_llamacpp(a, &client, &ids, &prompts, mode.as_str())?,
+        _ => run_ours(a, &key, &client, &ids, &prompts, mode.as_str())?,
+    };
+    let promise = mode.exactness_on(engine);
+    report.host = host_kind();
+    report.promised = promise.describe().to_string();
     print_report(&report);
     if let Some(p) = &a.json {
         std::fs::write(p, serde_json::to_string_pretty(&report)?)
             .with_context(|| format!("cannot write {}", p.display()))?;
     }
+    let l = &report.logits;
+    if promise == Exactness::BitIdentical && l.bit_identical_rows != l.tokens {
+        bail!(
+            "mode {} promises bit-identical logits on {} but {} of {} rows differ (max |Δlogit| {:.3e}) on this host ({})",
+            mode.as_str(),
+            engine.name(),
+            l.tokens - l.bit_identical_rows,
+            l.tokens,
+            l.max_abs_logit_diff,
+            report.host
+        );
+    }
     Ok(())
+}
+
+/// The CPU model and the vector extensions that decide which kernels run (from /proc/cpuinfo).
+fn host_kind() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let model = field("model name");
+    let flags = field("flags");
+    let has = |f: &str| flags.split_whitespace().any(|x| x == f);
+    let ext: Vec<&str> = [
+        ("avx2", "AVX2"),
+        ("avx512f", "AVX-512"),
+        ("avx512_vnni", "AVX-512 VNNI"),
+        ("amx_tile", "AMX"),
+    ]
+    .into_iter()
+    .filter(|(f, _)| has(f))
+    .map(|(_, n)| n)
+    .collect();
+    format!(
+        "{} {}; {}",
+        std::env::consts::ARCH,
+        if model.is_empty() {
+            "(unknown CPU)"
+        } else {
+            &model
+        },
+        if ext.is_empty() {
+            "no AVX2".to_string()
+        } else {
+            ext.join(", ")
+        }
+    )
 }
 
 /// Chat-templated plaintext ids of every prompt.
@@ -227,7 +293,7 @@ fn run_llamacpp(
     client: &ClientSide,
     ids: &[u32],
     prompts: &[&str],
-    mode: String,
+    mode: &str,
 ) -> Result<VerifyReport> {
     let perm = client.cipher.permutation();
     let prompts: Vec<serde_json::Value> = prompt_ids(client, prompts)?
@@ -278,7 +344,7 @@ fn run_llamacpp(
     }
     let mut r: VerifyReport =
         serde_json::from_slice(&out.stdout).context("llama.cpp evaluation printed no report")?;
-    r.mode = mode;
+    r.mode = mode.to_string();
     Ok(r)
 }
 
@@ -288,7 +354,7 @@ fn run_ours(
     client: &ClientSide,
     ids: &[u32],
     prompts: &[&str],
-    mode: String,
+    mode: &str,
 ) -> Result<VerifyReport> {
     let mut enc = load_encrypted(&a.pair.encrypted, key)?;
     let mut plain = load_plain(&a.pair.plain)?;
@@ -351,7 +417,10 @@ fn run_ours(
     }
     Ok(VerifyReport {
         engine: "equicrypt (candle)".into(),
-        mode,
+        engine_build: String::new(),
+        host: String::new(),
+        promised: String::new(),
+        mode: mode.to_string(),
         logits,
         generation: GenerationReport {
             prompts: prompts.len(),
@@ -369,6 +438,11 @@ fn run_ours(
 fn print_report(r: &VerifyReport) {
     let l = &r.logits;
     println!("engine: {}   mode: {}", r.engine, r.mode);
+    if !r.engine_build.is_empty() {
+        println!("engine build:           {}", r.engine_build);
+    }
+    println!("host:                   {}", r.host);
+    println!("promised here:          {}", r.promised);
     println!("tokens scored:          {}", l.tokens);
     println!(
         "bit-identical rows:     {} / {}",

@@ -8,10 +8,12 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod exactness;
 mod key;
 mod llama;
 mod permutation;
 
+pub use exactness::{EngineKind, Exactness};
 pub use key::{KeyFingerprint, SecretKey, KEY_FILE_HEADER};
 pub use llama::{
     validate_session_label, LayerTransforms, LlamaPlan, LlamaShape, PermMode, ResidualPermutation,
