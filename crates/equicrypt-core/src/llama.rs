@@ -540,6 +540,24 @@ mod tests {
     }
 
     #[test]
+    fn roles_without_a_rule_are_errors_naming_the_tensor() {
+        let p = LlamaPlan::derive(&key(6), shape(), PermMode::Exact).unwrap();
+        let named = |r: TensorRole| match p.transform_for_role(r) {
+            Err(CoreError::UnsupportedTensor(n)) => n,
+            other => panic!("{r:?}: {other:?}"),
+        };
+        assert_eq!(named(TensorRole::AttnKBias(1)), "blk.1.attn_k.bias");
+        assert_eq!(named(TensorRole::AttnQNorm(0)), "blk.0.attn_q_norm.weight");
+        assert_eq!(named(TensorRole::FfnUp(2)), "blk.2.ffn_up.weight");
+        // The name-based entry is the family's name → role map in front of the role-based one.
+        let by_name = p.transform_for("blk.1.attn_q.weight").unwrap();
+        let by_role = p.transform_for_role(TensorRole::AttnQ(1)).unwrap();
+        assert_eq!(by_name.rows, by_role.rows);
+        assert_eq!(by_name.cols, by_role.cols);
+        assert_eq!(by_name.negate_rows, by_role.negate_rows);
+    }
+
+    #[test]
     fn session_permutation_composes_and_validates_labels() {
         let k = key(8);
         let pi = VocabPermutation::derive(&k, 50);

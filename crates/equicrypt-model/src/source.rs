@@ -79,3 +79,46 @@ impl TensorSink for GgufWriter {
         GgufWriter::finish(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::encrypt::{plan_jobs, transform_into};
+    use crate::synthetic::SyntheticLlama;
+    use crate::{SafetensorsSink, SafetensorsSource};
+    use equicrypt_core::{ArchFamily, LlamaFamily, LlamaPlan, PermMode, SecretKey};
+
+    /// The same pipeline from a GGUF source into a safetensors sink: every tensor arrives with the
+    /// bytes the GGUF path would have written, and the config reads the same through both sources.
+    #[test]
+    fn gguf_source_streams_into_a_safetensors_sink() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("p.gguf");
+        SyntheticLlama::tiny_f32(5).write(&p).unwrap();
+        let mut src = GgufFile::open(&p).unwrap();
+        let cfg = LlamaFamily.read_config(src.metadata()).unwrap();
+        assert_eq!((cfg.n_layer, cfg.d_model, cfg.vocab_size), (2, 64, 96));
+        let key = SecretKey::from_bytes([9; 32]);
+        let plan = LlamaPlan::derive(&key, cfg, PermMode::Full).unwrap();
+        let jobs = plan_jobs(&LlamaFamily, &plan, &src).unwrap();
+        let headers = jobs.iter().map(|(t, _)| t.clone()).collect();
+        let out = dir.path().join("e.safetensors");
+        let sink = SafetensorsSink::create(&out, &Default::default(), headers).unwrap();
+        transform_into(&mut src, sink, &jobs, &indicatif::ProgressBar::hidden()).unwrap();
+        let mut st = SafetensorsSource::open(&out).unwrap();
+        for (t, tr) in &jobs {
+            let plain = src.read_tensor_bytes(&t.name).unwrap();
+            let (rows, cols) = src.tensor(&t.name).unwrap().rows_cols();
+            let want = if tr.is_identity() {
+                plain
+            } else {
+                crate::quant::transform_tensor(&plain, t.dtype, rows, cols, tr).unwrap()
+            };
+            assert_eq!(st.read_tensor_bytes(&t.name).unwrap(), want, "{}", t.name);
+        }
+        assert_eq!(
+            st.metadata().tensor_dims("token_embd.weight"),
+            Some(vec![96, 64])
+        );
+    }
+}
