@@ -158,8 +158,8 @@ impl DenseLlama {
     /// tensors, inconsistent sizes, tensor types candle cannot dequantize.
     pub fn load(path: &Path) -> Result<Self, AuditError> {
         let mut f = GgufFile::open(path)?;
-        let cfg =
-            LlamaConfig::from_gguf(&f.content).map_err(|e| AuditError::Mismatch(e.to_string()))?;
+        let cfg = equicrypt_engine::config::read_llama_config(&f.content)
+            .map_err(|e| AuditError::Mismatch(e.to_string()))?;
         let (vocab, n_layer) = (cfg.vocab_size, cfg.n_layer);
         let (d, ff, kv) = (cfg.d_model, cfg.d_ff, cfg.kv_dim());
         let embedding = read_stacked(&mut f, &[("token_embd.weight", vocab)], d)?;

@@ -52,7 +52,7 @@ impl SecretKey {
     /// Draws a fresh key from the operating system's RNG.
     pub fn generate() -> Result<Self, CoreError> {
         let mut bytes = [0u8; 32];
-        getrandom::fill(&mut bytes).map_err(|e| CoreError::Rng(e.to_string()))?;
+        getrandom::fill(&mut bytes)?;
         Ok(Self { bytes })
     }
 

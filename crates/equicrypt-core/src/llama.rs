@@ -1,6 +1,6 @@
 //! The transform plan for LLaMA-family decoders (GGUF architecture `llama`).
 //!
-//! Rules (numbers refer to `shared/design/ee-math.md`):
+//! Rules (numbers refer to `docs/ee-math.md`):
 //! - vocabulary permutation on embedding rows and head rows (rule 9);
 //! - one residual permutation on every tensor that reads or writes the residual stream, and on
 //!   the RMSNorm gains (rules 1, 4);
@@ -24,7 +24,8 @@
 //! - [`PermMode::Full`] also moves whole 32-blocks and heads: a larger key space, but the reduction
 //!   order changes, so logits agree only to rounding in every engine.
 
-use crate::{CoreError, Permutation, SecretKey};
+use crate::families::{ArchFamily, LlamaFamily, TensorRole};
+use crate::{CoreError, LlamaConfig, Permutation, SecretKey};
 
 /// Values per quantization block along a tensor's input axis (Q4_0 … Q8_0).
 pub const QUANT_BLOCK: usize = 32;
@@ -33,65 +34,6 @@ pub const QUANT_BLOCK: usize = 32;
 /// lane (`maddubs` + `madd`: four adjacent int8 products per 32-bit lane) before any float
 /// operation: the permutation group of [`PermMode::Stock`].
 pub const LANE_GROUP: usize = 4;
-
-/// Hyper-parameters of a LLaMA-family model that the plan depends on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct LlamaShape {
-    /// Number of transformer blocks.
-    pub n_layers: usize,
-    /// Width of the residual stream.
-    pub d_model: usize,
-    /// Width of the FFN intermediate space.
-    pub d_ff: usize,
-    /// Number of query heads.
-    pub n_head: usize,
-    /// Number of key/value heads (grouped-query attention when smaller than `n_head`).
-    pub n_kv_head: usize,
-    /// Vocabulary size.
-    pub vocab: usize,
-}
-
-impl LlamaShape {
-    /// Dimension of one attention head.
-    pub fn head_dim(&self) -> usize {
-        self.d_model / self.n_head
-    }
-
-    /// Query heads per kv head.
-    pub fn group(&self) -> usize {
-        self.n_head / self.n_kv_head
-    }
-
-    /// Checks the constraints the plan relies on.
-    pub fn validate(&self) -> Result<(), CoreError> {
-        let bad = |m: String| Err(CoreError::UnsupportedShape(m));
-        if self.n_head == 0 || self.n_kv_head == 0 || self.n_layers == 0 || self.vocab == 0 {
-            return bad("zero-sized model".into());
-        }
-        if !self.d_model.is_multiple_of(self.n_head) {
-            return bad(format!(
-                "d_model {} is not a multiple of n_head {}",
-                self.d_model, self.n_head
-            ));
-        }
-        if !self.n_head.is_multiple_of(self.n_kv_head) {
-            return bad(format!(
-                "n_head {} is not a multiple of n_kv_head {}",
-                self.n_head, self.n_kv_head
-            ));
-        }
-        for (what, v) in [
-            ("d_model", self.d_model),
-            ("d_ff", self.d_ff),
-            ("head_dim", self.head_dim()),
-        ] {
-            if v % QUANT_BLOCK != 0 {
-                return bad(format!("{what} {v} is not a multiple of {QUANT_BLOCK}"));
-            }
-        }
-        Ok(())
-    }
-}
 
 /// Which part of the key space a plan draws from.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -277,8 +219,8 @@ impl TensorTransform {
 /// The complete, key-derived plan for one LLaMA-family model.
 #[derive(Clone, Debug)]
 pub struct LlamaPlan {
-    /// Shape the plan was made for.
-    pub shape: LlamaShape,
+    /// Configuration the plan was made for.
+    pub config: LlamaConfig,
     /// Which key space the plan draws from.
     pub mode: PermMode,
     /// Token id permutation.
@@ -321,15 +263,16 @@ fn block_structured(
 
 impl LlamaPlan {
     /// Derives the plan for `shape` from `key`.
-    pub fn derive(key: &SecretKey, shape: LlamaShape, mode: PermMode) -> Result<Self, CoreError> {
-        shape.validate()?;
-        let vocab = VocabPermutation::derive(key, shape.vocab);
-        let residual = ResidualPermutation(block_structured(key, "residual", shape.d_model, mode)?);
-        let layers = (0..shape.n_layers)
-            .map(|l| Self::derive_layer(key, &shape, mode, l))
+    pub fn derive(key: &SecretKey, config: LlamaConfig, mode: PermMode) -> Result<Self, CoreError> {
+        config.validate_for_plan()?;
+        let vocab = VocabPermutation::derive(key, config.vocab_size);
+        let residual =
+            ResidualPermutation(block_structured(key, "residual", config.d_model, mode)?);
+        let layers = (0..config.n_layer)
+            .map(|l| Self::derive_layer(key, &config, mode, l))
             .collect::<Result<_, _>>()?;
         Ok(Self {
-            shape,
+            config,
             mode,
             vocab,
             residual,
@@ -339,11 +282,11 @@ impl LlamaPlan {
 
     fn derive_layer(
         key: &SecretKey,
-        s: &LlamaShape,
+        s: &LlamaConfig,
         mode: PermMode,
         l: usize,
     ) -> Result<LayerTransforms, CoreError> {
-        let hd = s.head_dim();
+        let hd = s.head_dim;
         let group = s.group();
         let ffn = block_structured(key, &format!("ffn/{l}"), s.d_ff, mode)?;
 
@@ -402,64 +345,81 @@ impl LlamaPlan {
         })
     }
 
-    /// The transform of the tensor called `name` in a GGUF `llama` model.
+    /// The transform of the tensor called `name` in a GGUF `llama` model: the name is mapped to
+    /// its role by [`LlamaFamily`], then [`LlamaPlan::transform_for_role`].
     pub fn transform_for(&self, name: &str) -> Result<TensorTransform, CoreError> {
+        let role = LlamaFamily
+            .role_of(name)
+            .ok_or_else(|| CoreError::UnsupportedTensor(name.to_string()))?;
+        self.transform_for_role(role)
+    }
+
+    /// The transform of the tensor with `role`. Roles the LLaMA family has no rule for (biases,
+    /// Q/K norms) and layers past the model's are errors naming the tensor (by its GGUF name).
+    pub fn transform_for_role(&self, role: TensorRole) -> Result<TensorTransform, CoreError> {
+        use TensorRole as R;
         let res = || Some(self.residual.0.clone());
-        let unsupported = || CoreError::UnsupportedTensor(name.to_string());
-        let t = match name {
-            "token_embd.weight" | "output.weight" => TensorTransform {
+        let unsupported = || CoreError::UnsupportedTensor(LlamaFamily.name_of(role));
+        let layer = |l: usize| self.layers.get(l).ok_or_else(unsupported);
+        let t = match role {
+            R::TokenEmbedding | R::Output => TensorTransform {
                 rows: Some(self.vocab.0.clone()),
                 cols: res(),
                 negate_rows: None,
             },
-            "output_norm.weight" => TensorTransform {
+            R::OutputNorm => TensorTransform {
                 cols: res(),
                 ..Default::default()
             },
-            "rope_freqs.weight" => TensorTransform::default(),
-            _ => {
-                let rest = name.strip_prefix("blk.").ok_or_else(unsupported)?;
-                let (layer, tensor) = rest.split_once('.').ok_or_else(unsupported)?;
-                let layer: usize = layer.parse().map_err(|_| unsupported())?;
-                let lt = self.layers.get(layer).ok_or_else(unsupported)?;
-                match tensor {
-                    "attn_norm.weight" | "ffn_norm.weight" => TensorTransform {
-                        cols: res(),
-                        ..Default::default()
-                    },
-                    "attn_q.weight" => TensorTransform {
-                        rows: Some(lt.q_rows.clone()),
-                        cols: res(),
-                        negate_rows: Some(lt.q_negate.clone()),
-                    },
-                    "attn_k.weight" => TensorTransform {
-                        rows: Some(lt.k_rows.clone()),
-                        cols: res(),
-                        negate_rows: Some(lt.k_negate.clone()),
-                    },
-                    "attn_v.weight" => TensorTransform {
-                        rows: Some(lt.v_rows.clone()),
-                        cols: res(),
-                        negate_rows: None,
-                    },
-                    "attn_output.weight" => TensorTransform {
-                        rows: res(),
-                        cols: Some(lt.o_cols.clone()),
-                        negate_rows: None,
-                    },
-                    "ffn_gate.weight" | "ffn_up.weight" => TensorTransform {
-                        rows: Some(lt.ffn.clone()),
-                        cols: res(),
-                        negate_rows: None,
-                    },
-                    "ffn_down.weight" => TensorTransform {
-                        rows: res(),
-                        cols: Some(lt.ffn.clone()),
-                        negate_rows: None,
-                    },
-                    _ => return Err(unsupported()),
+            R::RopeFreqs => TensorTransform::default(),
+            R::AttnNorm(l) | R::FfnNorm(l) => {
+                layer(l)?;
+                TensorTransform {
+                    cols: res(),
+                    ..Default::default()
                 }
             }
+            R::AttnQ(l) => {
+                let lt = layer(l)?;
+                TensorTransform {
+                    rows: Some(lt.q_rows.clone()),
+                    cols: res(),
+                    negate_rows: Some(lt.q_negate.clone()),
+                }
+            }
+            R::AttnK(l) => {
+                let lt = layer(l)?;
+                TensorTransform {
+                    rows: Some(lt.k_rows.clone()),
+                    cols: res(),
+                    negate_rows: Some(lt.k_negate.clone()),
+                }
+            }
+            R::AttnV(l) => TensorTransform {
+                rows: Some(layer(l)?.v_rows.clone()),
+                cols: res(),
+                negate_rows: None,
+            },
+            R::AttnOutput(l) => TensorTransform {
+                rows: res(),
+                cols: Some(layer(l)?.o_cols.clone()),
+                negate_rows: None,
+            },
+            R::FfnGate(l) | R::FfnUp(l) => TensorTransform {
+                rows: Some(layer(l)?.ffn.clone()),
+                cols: res(),
+                negate_rows: None,
+            },
+            R::FfnDown(l) => TensorTransform {
+                rows: res(),
+                cols: Some(layer(l)?.ffn.clone()),
+                negate_rows: None,
+            },
+            R::AttnQBias(_)
+            | R::AttnKBias(_)
+            | R::AttnVBias(_)
+            | R::AttnQNorm(_)
+            | R::AttnKNorm(_) => return Err(unsupported()),
         };
         Ok(t)
     }
@@ -469,15 +429,15 @@ impl LlamaPlan {
 mod tests {
     use super::*;
 
-    fn shape() -> LlamaShape {
-        LlamaShape {
+    fn shape() -> LlamaConfig {
+        LlamaConfig::from(crate::LlamaShape {
             n_layers: 2,
             d_model: 128,
             d_ff: 256,
             n_head: 4,
             n_kv_head: 2,
             vocab: 100,
-        }
+        })
     }
 
     fn key(b: u8) -> SecretKey {
@@ -532,8 +492,8 @@ mod tests {
     #[test]
     fn gqa_groups_move_together_and_vo_match() {
         let s = shape();
-        let hd = s.head_dim();
-        let p = LlamaPlan::derive(&key(3), s, PermMode::Full).unwrap();
+        let hd = s.head_dim;
+        let p = LlamaPlan::derive(&key(3), s.clone(), PermMode::Full).unwrap();
         for l in &p.layers {
             for h in 0..s.n_head {
                 let g = h / s.group();
@@ -575,7 +535,26 @@ mod tests {
         assert!(p.transform_for("whatever").is_err());
         let mut s = shape();
         s.d_model = 100;
+        s.head_dim = 25;
         assert!(LlamaPlan::derive(&key(6), s, PermMode::Exact).is_err());
+    }
+
+    #[test]
+    fn roles_without_a_rule_are_errors_naming_the_tensor() {
+        let p = LlamaPlan::derive(&key(6), shape(), PermMode::Exact).unwrap();
+        let named = |r: TensorRole| match p.transform_for_role(r) {
+            Err(CoreError::UnsupportedTensor(n)) => n,
+            other => panic!("{r:?}: {other:?}"),
+        };
+        assert_eq!(named(TensorRole::AttnKBias(1)), "blk.1.attn_k.bias");
+        assert_eq!(named(TensorRole::AttnQNorm(0)), "blk.0.attn_q_norm.weight");
+        assert_eq!(named(TensorRole::FfnUp(2)), "blk.2.ffn_up.weight");
+        // The name-based entry is the family's name → role map in front of the role-based one.
+        let by_name = p.transform_for("blk.1.attn_q.weight").unwrap();
+        let by_role = p.transform_for_role(TensorRole::AttnQ(1)).unwrap();
+        assert_eq!(by_name.rows, by_role.rows);
+        assert_eq!(by_name.cols, by_role.cols);
+        assert_eq!(by_name.negate_rows, by_role.negate_rows);
     }
 
     #[test]

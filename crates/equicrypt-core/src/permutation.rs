@@ -1,6 +1,6 @@
 //! Permutations of index spaces and the project's own Fisher–Yates shuffle.
 //!
-//! Convention (see `shared/design/ee-math.md`): a permutation π acts on a vector as
+//! Convention (see `docs/ee-math.md`): a permutation π acts on a vector as
 //! `x'[π(i)] = x[i]`; `forward[i] = π(i)`.
 
 use rand_core::RngCore;

@@ -4,6 +4,7 @@ use thiserror::Error;
 
 /// Everything that can go wrong while loading a model, running it or sampling from it.
 #[derive(Debug, Error)]
+#[non_exhaustive]
 pub enum EngineError {
     /// Reading the model file failed.
     #[error("i/o error: {0}")]
@@ -81,3 +82,26 @@ pub enum EngineError {
 
 /// Result alias used throughout the crate.
 pub type Result<T> = std::result::Result<T, EngineError>;
+
+impl From<equicrypt_core::ConfigError> for EngineError {
+    fn from(e: equicrypt_core::ConfigError) -> Self {
+        use equicrypt_core::ConfigError as C;
+        match e {
+            C::MissingMetadata { key } => EngineError::MissingMetadata { key },
+            C::InvalidMetadata { key, reason } => EngineError::InvalidMetadata { key, reason },
+            C::UnsupportedArchitecture { arch } => EngineError::UnsupportedArchitecture { arch },
+            C::MissingTensor { name } => EngineError::MissingTensor { name },
+            C::TensorShape {
+                name,
+                expected,
+                actual,
+            } => EngineError::TensorShape {
+                name,
+                expected,
+                actual,
+            },
+            C::InvalidConfig(m) => EngineError::InvalidConfig(m),
+            other => EngineError::InvalidConfig(other.to_string()),
+        }
+    }
+}

@@ -162,7 +162,7 @@ impl LlamaModel {
 
     /// Loads the weights described by `content` from `reader` (the stream `content` was read from).
     pub fn from_content<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Self> {
-        let cfg = LlamaConfig::from_gguf(content)?;
+        let cfg = crate::config::read_llama_config(content)?;
         let (d, ff, kv, v) = (cfg.d_model, cfg.d_ff, cfg.kv_dim(), cfg.vocab_size);
         let embd = Arc::new(read_tensor(content, reader, "token_embd.weight", &[v, d])?);
         let embedding = embd

@@ -30,10 +30,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use candle_core::quantized::gguf_file::Value;
-use equicrypt_core::{KeyFingerprint, LlamaPlan, LlamaShape, PermMode, SecretKey};
+use equicrypt_core::{
+    ArchFamily, CoreError, KeyFingerprint, LlamaConfig, LlamaFamily, LlamaPlan, PermMode,
+    SecretKey, TensorTransform,
+};
 
-use crate::gguf::{GgufFile, GgufWriter, TensorHeader};
+use crate::gguf::{GgufFile, GgufWriter};
 use crate::quant::transform_tensor;
+use crate::source::{GgufSink, GgufSource, TensorInfo, TensorSink, TensorSource};
 use crate::ModelError;
 
 /// Metadata key holding the format version of an encrypted model.
@@ -78,29 +82,15 @@ pub struct EncryptReport {
     pub fingerprint: KeyFingerprint,
 }
 
-/// Reads the LLaMA hyper-parameters the plan needs from a GGUF file.
-pub fn llama_shape(f: &GgufFile) -> Result<LlamaShape, ModelError> {
-    let arch = f.meta_str("general.architecture")?;
-    if arch != "llama" {
-        return Err(ModelError::UnsupportedArchitecture(arch.to_string()));
-    }
-    let emb = f.tensor("token_embd.weight")?;
-    let (vocab, d_emb) = emb.rows_cols();
-    let shape = LlamaShape {
-        n_layers: f.meta_u64("llama.block_count")? as usize,
-        d_model: f.meta_u64("llama.embedding_length")? as usize,
-        d_ff: f.meta_u64("llama.feed_forward_length")? as usize,
-        n_head: f.meta_u64("llama.attention.head_count")? as usize,
-        n_kv_head: f.meta_u64("llama.attention.head_count_kv")? as usize,
-        vocab,
-    };
-    if d_emb != shape.d_model {
-        return Err(ModelError::Corrupt(format!(
-            "token_embd has {d_emb} columns but embedding_length is {}",
-            shape.d_model
-        )));
-    }
-    Ok(shape)
+/// Reads the LLaMA configuration of a GGUF file with the family's one config reader
+/// ([`LlamaFamily::read_config`] over [`crate::GgufMeta`]).
+pub fn llama_config(f: &GgufFile) -> Result<LlamaConfig, ModelError> {
+    Ok(LlamaFamily.read_config(f)?)
+}
+
+/// The configuration the transform plan needs (same as [`llama_config`]; kept for callers).
+pub fn llama_shape(f: &GgufFile) -> Result<LlamaConfig, ModelError> {
+    llama_config(f)
 }
 
 /// What an encrypted model file declares about itself.
@@ -180,7 +170,7 @@ fn encrypted_metadata(
         kept.into_iter()
             .filter(|(k, _)| k != "general.architecture"),
     );
-    let n = plan.shape.vocab;
+    let n = plan.config.vocab_size;
     let special = |key_name: &str| -> Result<Option<u32>, ModelError> {
         match plain.meta(key_name) {
             None => Ok(None),
@@ -252,36 +242,17 @@ pub fn encrypt_gguf(
             return Err(ModelError::OutputExists(output.display().to_string()));
         }
     }
-    let mut plain = GgufFile::open(input)?;
+    let mut plain: GgufSource = GgufFile::open(input)?;
     if is_encrypted(&plain) {
         return Err(ModelError::AlreadyEncrypted(input.display().to_string()));
     }
-    let shape = llama_shape(&plain)?;
-    let plan = LlamaPlan::derive(key, shape, opts.mode)?;
-
-    // Resolve every tensor's transform before writing anything.
-    let mut jobs = Vec::with_capacity(plain.tensors.len());
-    for t in &plain.tensors {
-        let tr = plan.transform_for(&t.name)?;
-        crate::quant::BlockFormat::of(t.dtype).map_err(|e| match e {
-            ModelError::UnsupportedTensorType(ty) => {
-                ModelError::UnsupportedTensorType(format!("{ty} (tensor '{}')", t.name))
-            }
-            other => other,
-        })?;
-        jobs.push((t.clone(), tr));
-    }
-    let headers = jobs
-        .iter()
-        .map(|(t, _)| TensorHeader {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            dims: t.dims.clone(),
-            size: t.size,
-        })
-        .collect();
+    let family = LlamaFamily;
+    let config = family.read_config(plain.metadata())?;
+    let plan = LlamaPlan::derive(key, config, opts.mode)?;
+    let jobs = plan_jobs(&family, &plan, &plain)?;
+    let headers = jobs.iter().map(|(t, _)| t.clone()).collect();
     let meta = encrypted_metadata(&plain, &plan, key, opts.hide_special_ids)?;
-    let mut writer = GgufWriter::create(output, &meta, headers)?;
+    let writer: GgufSink = GgufWriter::create(output, &meta, headers)?;
 
     let total: u64 = jobs.iter().map(|(t, _)| t.size).sum();
     let bar = if opts.progress {
@@ -296,19 +267,7 @@ pub fn encrypt_gguf(
     } else {
         indicatif::ProgressBar::hidden()
     };
-    for (t, tr) in &jobs {
-        bar.set_message(t.name.clone());
-        let data = plain.read_tensor(t)?;
-        let (rows, cols) = t.rows_cols();
-        let out = if tr.is_identity() {
-            data
-        } else {
-            transform_tensor(&data, t.dtype, rows, cols, tr).map_err(|e| e.in_tensor(&t.name))?
-        };
-        writer.write_tensor(&t.name, &out)?;
-        bar.inc(t.size);
-    }
-    writer.finish()?;
+    transform_into(&mut plain, writer, &jobs, &bar)?;
     bar.finish_and_clear();
     Ok(EncryptReport {
         tensors: jobs.len(),
@@ -316,4 +275,53 @@ pub fn encrypt_gguf(
         seconds: start.elapsed().as_secs_f64(),
         fingerprint: key.fingerprint(),
     })
+}
+
+/// Resolves every tensor's transform (by role, through the family) before anything is written:
+/// unknown tensors and unsupported storage types are errors naming the tensor.
+pub fn plan_jobs<F: ArchFamily>(
+    family: &F,
+    plan: &LlamaPlan,
+    src: &dyn TensorSource,
+) -> Result<Vec<(TensorInfo, TensorTransform)>, ModelError> {
+    let infos = src.tensor_infos();
+    let mut jobs = Vec::with_capacity(infos.len());
+    for t in infos {
+        let role = family
+            .role_of(&t.name)
+            .ok_or_else(|| CoreError::UnsupportedTensor(t.name.clone()))?;
+        let tr = plan.transform_for_role(role)?;
+        crate::quant::BlockFormat::of(t.dtype).map_err(|e| match e {
+            ModelError::UnsupportedTensorType(ty) => {
+                ModelError::UnsupportedTensorType(format!("{ty} (tensor '{}')", t.name))
+            }
+            other => other,
+        })?;
+        jobs.push((t, tr));
+    }
+    Ok(jobs)
+}
+
+/// Streams every job's tensor from `src` through its transform into `sink` (in job order) and
+/// finishes the sink; on error the sink is dropped and leaves no file.
+pub fn transform_into<S: TensorSource + ?Sized, K: TensorSink>(
+    src: &mut S,
+    mut sink: K,
+    jobs: &[(TensorInfo, TensorTransform)],
+    bar: &indicatif::ProgressBar,
+) -> Result<(), ModelError> {
+    for (t, tr) in jobs {
+        bar.set_message(t.name.clone());
+        let data = src.read_tensor_bytes(&t.name)?;
+        let cols = *t.dims.last().unwrap_or(&1);
+        let rows = t.dims.iter().rev().skip(1).product::<usize>();
+        let out = if tr.is_identity() {
+            data
+        } else {
+            transform_tensor(&data, t.dtype, rows, cols, tr).map_err(|e| e.in_tensor(&t.name))?
+        };
+        sink.write_tensor(&t.name, &out)?;
+        bar.inc(t.size);
+    }
+    sink.finish()
 }

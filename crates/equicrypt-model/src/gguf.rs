@@ -11,8 +11,57 @@ use std::path::{Path, PathBuf};
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::GgmlDType;
+use equicrypt_core::config::{self as meta, MetaValue, MetadataSource};
 
 use crate::ModelError;
+
+/// The GGUF implementation of [`MetadataSource`] over candle's parsed header: the one place a
+/// GGUF metadata value is turned into a [`MetaValue`]. The encrypter, re-keying, the engine and
+/// the attack lab all read metadata through it.
+#[derive(Clone, Copy)]
+pub struct GgufMeta<'a>(pub &'a Content);
+
+impl MetadataSource for GgufMeta<'_> {
+    fn meta_value(&self, key: &str) -> Option<MetaValue<'_>> {
+        self.0.metadata.get(key).map(meta_value)
+    }
+
+    fn tensor_dims(&self, name: &str) -> Option<Vec<usize>> {
+        self.0
+            .tensor_infos
+            .get(name)
+            .map(|i| i.shape.dims().to_vec())
+    }
+}
+
+/// A GGUF value as a [`MetaValue`].
+pub fn meta_value(v: &Value) -> MetaValue<'_> {
+    match v {
+        Value::U8(x) => MetaValue::Int((*x).into()),
+        Value::I8(x) => MetaValue::Int((*x).into()),
+        Value::U16(x) => MetaValue::Int((*x).into()),
+        Value::I16(x) => MetaValue::Int((*x).into()),
+        Value::U32(x) => MetaValue::Int((*x).into()),
+        Value::I32(x) => MetaValue::Int((*x).into()),
+        Value::U64(x) => MetaValue::Int((*x).into()),
+        Value::I64(x) => MetaValue::Int((*x).into()),
+        Value::F32(x) => MetaValue::Float((*x).into()),
+        Value::F64(x) => MetaValue::Float(*x),
+        Value::Bool(x) => MetaValue::Bool(*x),
+        Value::String(s) => MetaValue::Str(s),
+        Value::Array(a) => MetaValue::Array(a.len()),
+    }
+}
+
+impl MetadataSource for GgufFile {
+    fn meta_value(&self, key: &str) -> Option<MetaValue<'_>> {
+        self.content.metadata.get(key).map(meta_value)
+    }
+
+    fn tensor_dims(&self, name: &str) -> Option<Vec<usize>> {
+        GgufMeta(&self.content).tensor_dims(name)
+    }
+}
 
 /// Default data alignment of GGUF files.
 pub const DEFAULT_ALIGNMENT: u64 = 32;
@@ -120,20 +169,16 @@ impl GgufFile {
     pub fn meta_str(&self, key: &str) -> Result<&str, ModelError> {
         match self.meta(key) {
             Some(Value::String(s)) => Ok(s),
-            Some(_) => Err(ModelError::Metadata(format!("'{key}' is not a string"))),
-            None => Err(ModelError::Metadata(format!("missing '{key}'"))),
+            // Not a string: the reader names the problem.
+            _ => Err(meta::meta_str(self, key)
+                .err()
+                .map_or_else(|| ModelError::Internal(format!("'{key}'")), Into::into)),
         }
     }
 
     /// A required unsigned integer metadata value (any integer width).
     pub fn meta_u64(&self, key: &str) -> Result<u64, ModelError> {
-        let v = self
-            .meta(key)
-            .ok_or_else(|| ModelError::Metadata(format!("missing '{key}'")))?;
-        v.to_u64()
-            .or_else(|_| v.to_u32().map(u64::from))
-            .or_else(|_| v.to_i32().map(|x| x as u64))
-            .map_err(|_| ModelError::Metadata(format!("'{key}' is not an unsigned integer")))
+        Ok(meta::meta_u64(self, key)?)
     }
 
     /// The entry of tensor `name`.

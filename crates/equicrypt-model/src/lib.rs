@@ -1,8 +1,8 @@
 //! equicrypt-model: model files. GGUF reading and streaming, atomic writing; lossless
 //! quantization-block-aware tensor transforms; the encrypt pipeline; synthetic models for tests.
 //!
-//! The equivariance rules are in `shared/design/ee-math.md`; the plans that say which transform
-//! each tensor gets live in `equicrypt-core`.
+//! The equivariance rules are in `docs/ee-math.md`; the plans that say which transform each
+//! tensor gets, the model families and their config types live in `equicrypt-core`.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
@@ -12,19 +12,32 @@ pub mod gguf;
 pub mod inspect;
 pub mod quant;
 pub mod rekey;
+pub mod safetensors;
+pub mod source;
 pub mod synthetic;
 
 pub use encrypt::{
-    encrypt_gguf, is_encrypted, llama_shape, placeholder_token, EncryptOptions, EncryptReport,
-    EncryptedModelInfo,
+    encrypt_gguf, is_encrypted, llama_config, llama_shape, placeholder_token, EncryptOptions,
+    EncryptReport, EncryptedModelInfo,
 };
-pub use gguf::{GgufFile, GgufWriter, TensorEntry, TensorHeader};
+pub use gguf::{GgufFile, GgufMeta, GgufWriter, TensorEntry, TensorHeader};
 pub use rekey::{rekey_gguf, session_tables, BaseVocabTables, RekeyReport, SessionTables};
+pub use safetensors::{SafetensorsSink, SafetensorsSource};
+pub use source::{GgufSink, GgufSource, TensorInfo, TensorSink, TensorSource};
 
 use std::path::Path;
 
+use equicrypt_core::ConfigError;
+
+impl From<ConfigError> for ModelError {
+    fn from(e: ConfigError) -> Self {
+        ModelError::from_config(e)
+    }
+}
+
 /// Errors of the model layer. Every message names the problem in one line.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ModelError {
     /// Reading or writing a file failed.
     #[error("{path}: {source}")]
@@ -92,6 +105,29 @@ impl ModelError {
         ModelError::Io {
             path: path.display().to_string(),
             source,
+        }
+    }
+
+    /// Maps a config-reader error onto the model layer's variants (and their messages).
+    pub fn from_config(e: ConfigError) -> Self {
+        match e {
+            ConfigError::UnsupportedArchitecture { arch } => {
+                ModelError::UnsupportedArchitecture(arch)
+            }
+            ConfigError::MissingMetadata { key } => {
+                ModelError::Metadata(format!("missing '{key}'"))
+            }
+            ConfigError::InvalidMetadata { key, reason } => {
+                ModelError::Metadata(format!("'{key}': {reason}"))
+            }
+            ConfigError::MissingTensor { name } => {
+                ModelError::Metadata(format!("missing tensor '{name}'"))
+            }
+            e @ ConfigError::TensorShape { .. } => ModelError::Corrupt(e.to_string()),
+            ConfigError::InvalidConfig(m) => {
+                ModelError::Core(equicrypt_core::CoreError::UnsupportedShape(m))
+            }
+            other => ModelError::Metadata(other.to_string()),
         }
     }
 

@@ -6,7 +6,7 @@
 //! holds exactly the values of one old block, so column permutations must be *group preserving*
 //! (whole 32-blocks move, and positions move inside a block); the codes are then repacked, never
 //! re-quantized. Negating a row flips the sign bit of its scale (and min): exact in every format.
-//! See `shared/design/ee-math.md`, "Quantized weights".
+//! See `docs/ee-math.md`, "Quantized weights".
 
 use candle_core::quantized::GgmlDType;
 use equicrypt_core::{Permutation, TensorTransform};

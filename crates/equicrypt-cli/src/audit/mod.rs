@@ -240,7 +240,7 @@ pub fn run(a: &AuditArgs) -> Result<()> {
     // What the server holds.
     let f = GgufFile::open(&a.encrypted)?;
     let info = EncryptedModelInfo::read(&f)?;
-    let vocab = llama_shape(&f)?.vocab;
+    let vocab = llama_shape(&f)?.vocab_size;
     let file_special = |k: &str| f.meta(k).and_then(|v| v.to_u32().ok());
     let file_bos = file_special("tokenizer.ggml.bos_token_id");
     let file_eos = file_special("tokenizer.ggml.eos_token_id");

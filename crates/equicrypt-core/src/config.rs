@@ -1,0 +1,336 @@
+//! Model configuration and the one reader of format metadata.
+//!
+//! A format (GGUF today, a safetensors `config.json` tomorrow) exposes its key/value metadata and
+//! its tensor shapes through [`MetadataSource`]; the typed readers below ([`meta_str`],
+//! [`meta_usize`], [`meta_f32`] and their optional variants) are the only code that turns a
+//! metadata value into a number or a string. Each family (see [`crate::families`]) builds its
+//! config type from them; [`LlamaConfig`] is the LLaMA family's, shared by the transform plan, the
+//! encrypter, the engine, re-keying and the attack lab.
+
+use crate::QUANT_BLOCK;
+
+/// One metadata value, as the readers see it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+#[non_exhaustive]
+pub enum MetaValue<'a> {
+    /// Any integer type (widened without loss).
+    Int(i128),
+    /// Any float type.
+    Float(f64),
+    /// A boolean.
+    Bool(bool),
+    /// A string.
+    Str(&'a str),
+    /// An array of `n` values (the readers never need its items).
+    Array(usize),
+}
+
+impl MetaValue<'_> {
+    /// The kind of value, for error messages.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            MetaValue::Int(_) => "an integer",
+            MetaValue::Float(_) => "a float",
+            MetaValue::Bool(_) => "a boolean",
+            MetaValue::Str(_) => "a string",
+            MetaValue::Array(_) => "an array",
+        }
+    }
+}
+
+/// Read access to a model file's metadata and tensor shapes, independent of the file format.
+pub trait MetadataSource {
+    /// The value stored under `key`, if any.
+    fn meta_value(&self, key: &str) -> Option<MetaValue<'_>>;
+    /// The shape of tensor `name` (outermost first), if the file has it.
+    fn tensor_dims(&self, name: &str) -> Option<Vec<usize>>;
+}
+
+/// Why a configuration could not be read from metadata.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// A required metadata key is absent.
+    #[error("missing metadata key '{key}'")]
+    MissingMetadata {
+        /// The key that was looked up.
+        key: String,
+    },
+    /// A metadata key has the wrong type or an unusable value.
+    #[error("invalid metadata '{key}': {reason}")]
+    InvalidMetadata {
+        /// The offending key.
+        key: String,
+        /// Why the value was rejected.
+        reason: String,
+    },
+    /// The file's architecture is not the family's.
+    #[error("unsupported architecture '{arch}'")]
+    UnsupportedArchitecture {
+        /// The architecture found in the file.
+        arch: String,
+    },
+    /// A tensor the configuration is read from is absent.
+    #[error("missing tensor '{name}'")]
+    MissingTensor {
+        /// Tensor name.
+        name: String,
+    },
+    /// A tensor's shape disagrees with the metadata.
+    #[error("tensor '{name}' has shape {actual:?}, expected {expected:?}")]
+    TensorShape {
+        /// Tensor name.
+        name: String,
+        /// Shape implied by the metadata (outermost first, 0 = any).
+        expected: Vec<usize>,
+        /// Shape found.
+        actual: Vec<usize>,
+    },
+    /// The hyper-parameters are inconsistent.
+    #[error("invalid model configuration: {0}")]
+    InvalidConfig(String),
+}
+
+fn missing(key: &str) -> ConfigError {
+    ConfigError::MissingMetadata {
+        key: key.to_string(),
+    }
+}
+
+fn invalid(key: &str, reason: String) -> ConfigError {
+    ConfigError::InvalidMetadata {
+        key: key.to_string(),
+        reason,
+    }
+}
+
+/// An optional string value.
+pub fn opt_meta_str(src: &dyn MetadataSource, key: &str) -> Result<Option<String>, ConfigError> {
+    match src.meta_value(key) {
+        None => Ok(None),
+        Some(MetaValue::Str(s)) => Ok(Some(s.to_string())),
+        Some(v) => Err(invalid(
+            key,
+            format!("expected a string, found {}", v.kind()),
+        )),
+    }
+}
+
+/// A required string value.
+pub fn meta_str(src: &dyn MetadataSource, key: &str) -> Result<String, ConfigError> {
+    opt_meta_str(src, key)?.ok_or_else(|| missing(key))
+}
+
+/// An optional non-negative integer value (any integer width).
+pub fn opt_meta_u64(src: &dyn MetadataSource, key: &str) -> Result<Option<u64>, ConfigError> {
+    match src.meta_value(key) {
+        None => Ok(None),
+        Some(MetaValue::Int(n)) => u64::try_from(n)
+            .map(Some)
+            .map_err(|_| invalid(key, format!("{n} is not an unsigned integer"))),
+        Some(v) => Err(invalid(
+            key,
+            format!("expected an integer, found {}", v.kind()),
+        )),
+    }
+}
+
+/// A required non-negative integer value (any integer width).
+pub fn meta_u64(src: &dyn MetadataSource, key: &str) -> Result<u64, ConfigError> {
+    opt_meta_u64(src, key)?.ok_or_else(|| missing(key))
+}
+
+/// An optional size.
+pub fn opt_meta_usize(src: &dyn MetadataSource, key: &str) -> Result<Option<usize>, ConfigError> {
+    opt_meta_u64(src, key)?
+        .map(|n| usize::try_from(n).map_err(|_| invalid(key, format!("{n} is not a valid size"))))
+        .transpose()
+}
+
+/// A required size.
+pub fn meta_usize(src: &dyn MetadataSource, key: &str) -> Result<usize, ConfigError> {
+    opt_meta_usize(src, key)?.ok_or_else(|| missing(key))
+}
+
+/// An optional float value (F32 or F64).
+pub fn opt_meta_f32(src: &dyn MetadataSource, key: &str) -> Result<Option<f32>, ConfigError> {
+    match src.meta_value(key) {
+        None => Ok(None),
+        Some(MetaValue::Float(x)) => Ok(Some(x as f32)),
+        Some(v) => Err(invalid(
+            key,
+            format!("expected a float, found {}", v.kind()),
+        )),
+    }
+}
+
+/// A required float value (F32 or F64).
+pub fn meta_f32(src: &dyn MetadataSource, key: &str) -> Result<f32, ConfigError> {
+    opt_meta_f32(src, key)?.ok_or_else(|| missing(key))
+}
+
+/// Hyper-parameters of a LLaMA-family model: the one config type of the family, read by
+/// [`crate::families::LlamaFamily`] and used by the transform plan and the engine alike.
+///
+/// Invariants (checked by [`LlamaConfig::validate`]): `n_head * head_dim == d_model`,
+/// `n_head % n_kv_head == 0`, `head_dim` is even, every size is non-zero. The transform plan
+/// additionally needs [`LlamaConfig::validate_for_plan`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    /// Number of transformer blocks (`llama.block_count`).
+    pub n_layer: usize,
+    /// Width of the residual stream (`llama.embedding_length`).
+    pub d_model: usize,
+    /// Width of the SwiGLU intermediate layer (`llama.feed_forward_length`).
+    pub d_ff: usize,
+    /// Query heads (`llama.attention.head_count`).
+    pub n_head: usize,
+    /// Key/value heads (`llama.attention.head_count_kv`, defaults to `n_head`).
+    pub n_kv_head: usize,
+    /// Dimension of one head, `d_model / n_head`.
+    pub head_dim: usize,
+    /// Number of token ids: rows of the token embedding.
+    pub vocab_size: usize,
+    /// Maximum number of positions (`llama.context_length`).
+    pub context_length: usize,
+    /// RoPE base frequency (`llama.rope.freq_base`, default 10000).
+    pub rope_base: f32,
+    /// RMSNorm epsilon (`llama.attention.layer_norm_rms_epsilon`).
+    pub rms_eps: f32,
+}
+
+impl LlamaConfig {
+    /// Checks the invariants listed on the type.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::InvalidConfig(m));
+        if self.n_layer == 0
+            || self.d_model == 0
+            || self.d_ff == 0
+            || self.n_head == 0
+            || self.n_kv_head == 0
+            || self.vocab_size == 0
+            || self.context_length == 0
+        {
+            return bad(format!("all sizes must be non-zero: {self:?}"));
+        }
+        if self.n_head * self.head_dim != self.d_model {
+            return bad(format!(
+                "n_head {} does not divide d_model {} into head_dim {}",
+                self.n_head, self.d_model, self.head_dim
+            ));
+        }
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
+            return bad(format!(
+                "n_head {} is not a multiple of n_kv_head {}",
+                self.n_head, self.n_kv_head
+            ));
+        }
+        if !self.head_dim.is_multiple_of(2) {
+            return bad(format!("head_dim {} must be even for RoPE", self.head_dim));
+        }
+        if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
+            return bad(format!("rms_eps {} must be finite and >= 0", self.rms_eps));
+        }
+        if !(self.rope_base.is_finite() && self.rope_base > 0.0) {
+            return bad(format!(
+                "rope_base {} must be finite and > 0",
+                self.rope_base
+            ));
+        }
+        Ok(())
+    }
+
+    /// Checks the constraints the transform plan relies on (block-aligned widths).
+    pub fn validate_for_plan(&self) -> Result<(), crate::CoreError> {
+        let bad = |m: String| Err(crate::CoreError::UnsupportedShape(m));
+        if self.n_head == 0 || self.n_kv_head == 0 || self.n_layer == 0 || self.vocab_size == 0 {
+            return bad("zero-sized model".into());
+        }
+        if !self.d_model.is_multiple_of(self.n_head) || self.n_head * self.head_dim != self.d_model
+        {
+            return bad(format!(
+                "d_model {} is not a multiple of n_head {}",
+                self.d_model, self.n_head
+            ));
+        }
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
+            return bad(format!(
+                "n_head {} is not a multiple of n_kv_head {}",
+                self.n_head, self.n_kv_head
+            ));
+        }
+        for (what, v) in [
+            ("d_model", self.d_model),
+            ("d_ff", self.d_ff),
+            ("head_dim", self.head_dim),
+        ] {
+            if v % QUANT_BLOCK != 0 {
+                return bad(format!("{what} {v} is not a multiple of {QUANT_BLOCK}"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.n_head / self.n_kv_head
+    }
+
+    /// Width of the key/value projections, `n_kv_head * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim
+    }
+}
+
+/// The six sizes a test picks for a synthetic LLaMA model (see `equicrypt_model::synthetic`);
+/// [`LlamaConfig::from`] completes it with the synthetic models' context length (256), RoPE
+/// base (10000) and RMSNorm epsilon (1e-5). Files are always read into a [`LlamaConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LlamaShape {
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Width of the FFN intermediate space.
+    pub d_ff: usize,
+    /// Number of query heads.
+    pub n_head: usize,
+    /// Number of key/value heads (grouped-query attention when smaller than `n_head`).
+    pub n_kv_head: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl LlamaShape {
+    /// Dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model.checked_div(self.n_head).unwrap_or(0)
+    }
+
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.n_head / self.n_kv_head
+    }
+
+    /// Checks the constraints the plan relies on.
+    pub fn validate(&self) -> Result<(), crate::CoreError> {
+        LlamaConfig::from(*self).validate_for_plan()
+    }
+}
+
+impl From<LlamaShape> for LlamaConfig {
+    fn from(s: LlamaShape) -> Self {
+        LlamaConfig {
+            n_layer: s.n_layers,
+            d_model: s.d_model,
+            d_ff: s.d_ff,
+            n_head: s.n_head,
+            n_kv_head: s.n_kv_head,
+            head_dim: s.head_dim(),
+            vocab_size: s.vocab,
+            context_length: 256,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+        }
+    }
+}
