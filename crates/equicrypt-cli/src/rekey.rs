@@ -4,12 +4,12 @@
 //! model; `--bench N` instead builds N session tables in memory and reports the time per session
 //! and the resident-memory growth of holding them all in one process.
 
-use std::path::{Path, PathBuf};
-use std::time::Instant;
+use std::path::PathBuf;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
-use equicrypt_model::{rekey_gguf, BaseVocabTables, GgufFile};
+use equicrypt_audit::cost::bench_tables;
+use equicrypt_model::rekey_gguf;
 
 use crate::keyfile;
 
@@ -71,69 +71,9 @@ pub fn run(a: &RekeyArgs) -> Result<()> {
     Ok(())
 }
 
-/// Session tables built in memory and held together: what a server pays per session.
-pub struct TableBench {
-    /// Wall time of each session's tables, seconds.
-    pub seconds: Vec<f64>,
-    /// Bytes of one session's tables.
-    pub bytes_per_session: u64,
-    /// Bytes of the base model's vocabulary tensors.
-    pub base_bytes: u64,
-    /// Names of the re-keyed tensors.
-    pub tensors: Vec<String>,
-    /// Vocabulary size.
-    pub vocab: usize,
-    /// `VmRSS` in kB before building and while holding all the tables (Linux only).
-    pub rss_kb: Option<(u64, u64)>,
-}
-
-impl TableBench {
-    /// Median seconds per session.
-    pub fn median_seconds(&self) -> f64 {
-        let mut s = self.seconds.clone();
-        s.sort_by(f64::total_cmp);
-        s.get(s.len() / 2).copied().unwrap_or(0.0)
-    }
-}
-
-/// Builds the tables of every session in `labels` from the encrypted model and holds them all
-/// while measuring resident memory.
-pub fn bench_tables(
-    encrypted: &Path,
-    key: &equicrypt_core::SecretKey,
-    labels: &[String],
-) -> Result<TableBench> {
-    anyhow::ensure!(!labels.is_empty(), "--bench needs at least one session");
-    let mut f = GgufFile::open(encrypted)?;
-    let base = BaseVocabTables::read(&mut f, key)?;
-    drop(f);
-    let rss_before = vm_rss_kb();
-    let mut held = Vec::with_capacity(labels.len());
-    let mut seconds = Vec::with_capacity(labels.len());
-    for label in labels {
-        let t = Instant::now();
-        let tables = base
-            .rekey(key, label)
-            .with_context(|| format!("session {label}"))?;
-        seconds.push(t.elapsed().as_secs_f64());
-        held.push(tables);
-    }
-    let rss_after = vm_rss_kb();
-    Ok(TableBench {
-        seconds,
-        bytes_per_session: held.first().map_or(0, |t| t.bytes()),
-        base_bytes: base.bytes(),
-        tensors: held
-            .first()
-            .map(|t| t.tensors.iter().map(|(n, _)| n.clone()).collect())
-            .unwrap_or_default(),
-        vocab: base.vocab(),
-        rss_kb: rss_before.zip(rss_after),
-    })
-}
-
 fn bench(a: &RekeyArgs, key: &equicrypt_core::SecretKey, n: usize) -> Result<()> {
     let prefix = a.session.as_deref().unwrap_or("bench");
+    anyhow::ensure!(n > 0, "--bench needs at least one session");
     let labels: Vec<String> = (0..n).map(|i| format!("{prefix}-{i}")).collect();
     let b = bench_tables(&a.encrypted, key, &labels)?;
     let mut sorted = b.seconds.clone();
@@ -166,13 +106,4 @@ fn bench(a: &RekeyArgs, key: &equicrypt_core::SecretKey, n: usize) -> Result<()>
         None => println!("resident memory:    n/a (no /proc/self/status)"),
     }
     Ok(())
-}
-
-/// `VmRSS` of this process in kB (Linux).
-fn vm_rss_kb() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/self/status").ok()?;
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
 }

@@ -9,12 +9,13 @@
 use std::io::{BufRead, Write};
 use std::path::Path;
 
-use anyhow::{bail, Context, Result};
-use equicrypt_audit::corpus::BrownDocument;
 use equicrypt_client::{ChatMessage, ChatTemplate, GgufTokenizer};
 use serde::{Deserialize, Serialize};
 
-use crate::verify::{EVAL_TEXT, PROMPTS};
+use crate::corpus::BrownDocument;
+use crate::AuditError;
+
+type Result<T, E = AuditError> = std::result::Result<T, E>;
 
 /// Brown genres held out as the victim's conversations.
 pub const HELD_OUT_GENRES: [&str; 6] = [
@@ -70,11 +71,12 @@ impl PublicText {
         Ok(t)
     }
 
-    /// The held-out prompt set the token-weighted score is measured on: every prompt of
-    /// `data/prompts.txt` as a chat turn, plus the text of `data/eval.txt`.
-    pub fn held_out_prompts(&self) -> Result<Vec<u32>> {
-        let mut ids = self.tok.encode(EVAL_TEXT, false)?;
-        for p in PROMPTS.lines().filter(|l| !l.trim().is_empty()) {
+    /// The held-out prompt set the token-weighted score is measured on: every non-empty line of
+    /// `prompts` (the CLI's `data/prompts.txt`) as a chat turn, plus `eval_text` (its
+    /// `data/eval.txt`).
+    pub fn held_out_prompts(&self, eval_text: &str, prompts: &str) -> Result<Vec<u32>> {
+        let mut ids = self.tok.encode(eval_text, false)?;
+        for p in prompts.lines().filter(|l| !l.trim().is_empty()) {
             ids.extend(self.prompt(p)?);
         }
         Ok(ids)
@@ -144,64 +146,74 @@ impl Traffic {
     /// Reads a traffic log: one JSON object per line with a `prompt` and/or a `completion`
     /// array of ciphertext ids (a `/completion` request body has the `prompt` field already).
     pub fn read(path: &Path, vocab: usize) -> Result<Traffic> {
-        let f = std::fs::File::open(path)
-            .with_context(|| format!("cannot open traffic log {}", path.display()))?;
+        let f = std::fs::File::open(path).map_err(|source| AuditError::Io {
+            message: format!("cannot open traffic log {}", path.display()),
+            source,
+        })?;
         let mut t = Traffic::default();
         for (n, line) in std::io::BufReader::new(f).lines().enumerate() {
-            let line = line.with_context(|| format!("{}: cannot read", path.display()))?;
+            let line = line.map_err(|source| AuditError::Io {
+                message: format!("{}: cannot read", path.display()),
+                source,
+            })?;
             if line.trim().is_empty() {
                 continue;
             }
-            let l: TrafficLine = serde_json::from_str(&line).with_context(|| {
-                format!(
-                    "{} line {}: expected {{\"prompt\": [ids]}} or {{\"completion\": [ids]}}",
-                    path.display(),
-                    n + 1
-                )
-            })?;
+            let l: TrafficLine =
+                serde_json::from_str(&line).map_err(|source| AuditError::TrafficFormat {
+                    path: path.to_path_buf(),
+                    line: n + 1,
+                    source,
+                })?;
             for (v, out) in [
                 (l.prompt, &mut t.prompts),
                 (l.completion, &mut t.completions),
             ] {
                 if let Some(v) = v {
-                    if let Some(bad) = v.iter().find(|&&i| i as usize >= vocab) {
-                        bail!(
-                            "{} line {}: id {bad} is outside the model's vocabulary of {vocab}",
-                            path.display(),
-                            n + 1
-                        );
+                    if let Some(&id) = v.iter().find(|&&i| i as usize >= vocab) {
+                        return Err(AuditError::TrafficId {
+                            path: path.to_path_buf(),
+                            line: n + 1,
+                            id,
+                            vocab,
+                        });
                     }
                     out.push(v);
                 }
             }
         }
         if t.tokens() == 0 {
-            bail!("traffic log {} holds no ids", path.display());
+            return Err(AuditError::TrafficEmpty {
+                path: path.to_path_buf(),
+            });
         }
         Ok(t)
     }
 
     /// Writes the log format [`Traffic::read`] reads.
     pub fn write(&self, path: &Path) -> Result<()> {
+        let io = |message: String| move |source| AuditError::Io { message, source };
         let mut out = std::io::BufWriter::new(
-            std::fs::File::create(path)
-                .with_context(|| format!("cannot create {}", path.display()))?,
+            std::fs::File::create(path).map_err(io(format!("cannot create {}", path.display())))?,
         );
         for p in &self.prompts {
             let l = TrafficLine {
                 prompt: Some(p.clone()),
                 completion: None,
             };
-            writeln!(out, "{}", serde_json::to_string(&l)?)?;
+            writeln!(out, "{}", serde_json::to_string(&l)?)
+                .map_err(io(format!("cannot write {}", path.display())))?;
         }
         for c in &self.completions {
             let l = TrafficLine {
                 prompt: None,
                 completion: Some(c.clone()),
             };
-            writeln!(out, "{}", serde_json::to_string(&l)?)?;
+            writeln!(out, "{}", serde_json::to_string(&l)?)
+                .map_err(io(format!("cannot write {}", path.display())))?;
         }
-        out.flush()?;
+        out.flush()
+            .map_err(io(format!("cannot write {}", path.display())))?;
         Ok(())
     }
 }

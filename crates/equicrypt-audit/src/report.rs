@@ -4,10 +4,13 @@
 
 use std::path::Path;
 
-use anyhow::{Context, Result};
-use equicrypt_audit::score::Score;
 use plotters::prelude::*;
 use serde::Serialize;
+
+use crate::score::Score;
+use crate::AuditError;
+
+type Result<T, E = AuditError> = std::result::Result<T, E>;
 
 /// One attack run (or one defence measurement) in the report.
 #[derive(Clone, Debug, Serialize)]
@@ -40,9 +43,9 @@ pub struct Fact {
     pub value: String,
 }
 
-/// The whole report.
+/// The whole report: what [`crate::run::run_audit`] returns and writes.
 #[derive(Debug, Serialize)]
-pub struct Report {
+pub struct AuditReport {
     /// The command line that produced it.
     pub command: String,
     /// Encrypted model path.
@@ -69,10 +72,13 @@ fn pct(x: Option<f64>) -> String {
     x.map_or("–".into(), |v| format!("{:.2} %", 100.0 * v))
 }
 
-impl Report {
+impl AuditReport {
     /// Writes report.json, report.md and the plot into `dir`.
     pub fn write(&self, dir: &Path) -> Result<()> {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| AuditError::Io {
+            message: format!("cannot create {}", dir.display()),
+            source,
+        })?;
         write_atomic(
             &dir.join("report.json"),
             &serde_json::to_string_pretty(self)?,
@@ -230,7 +236,7 @@ impl Report {
         let tmp = path.with_extension("svg.tmp");
         {
             let root = SVGBackend::new(&tmp, (900, 540)).into_drawing_area();
-            let e = |e: DrawingAreaErrorKind<_>| anyhow::anyhow!("plot: {e:?}");
+            let e = |e: DrawingAreaErrorKind<_>| AuditError::Plot(format!("{e:?}"));
             root.fill(&WHITE).map_err(e)?;
             let mut chart = ChartBuilder::on(&root)
                 .caption(
@@ -264,7 +270,10 @@ impl Report {
                 .map_err(e)?;
             root.present().map_err(e)?;
         }
-        std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+        std::fs::rename(&tmp, path).map_err(|source| AuditError::Io {
+            message: format!("cannot write {}", path.display()),
+            source,
+        })?;
         Ok(true)
     }
 }
@@ -272,7 +281,13 @@ impl Report {
 /// Writes `text` to a temporary file beside `path`, then renames it over `path`.
 fn write_atomic(path: &Path, text: &str) -> Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, text).with_context(|| format!("cannot write {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("cannot write {}", path.display()))?;
+    std::fs::write(&tmp, text).map_err(|source| AuditError::Io {
+        message: format!("cannot write {}", tmp.display()),
+        source,
+    })?;
+    std::fs::rename(&tmp, path).map_err(|source| AuditError::Io {
+        message: format!("cannot write {}", path.display()),
+        source,
+    })?;
     Ok(())
 }
