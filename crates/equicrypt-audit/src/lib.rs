@@ -31,6 +31,7 @@ pub mod weight_matching;
 
 /// Errors of the attack lab.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum AuditError {
     /// Reading a model failed.
     #[error(transparent)]
