@@ -1,11 +1,15 @@
 #!/usr/bin/env python3
 """Talk to `equicrypt proxy` with the official `openai` Python package and print what came back.
 
-Usage: python3 scripts/openai_proxy_check.py BASE_URL [PROMPT]
+Usage: python3 scripts/openai_proxy_check.py BASE_URL [PROMPT [SYSTEM [COMPLETION_PROMPT]]]
 
 BASE_URL is the proxy (`http://127.0.0.1:8081`, with or without `/v1`). Runs
 client.models.list(), client.chat.completions.create non-streamed and streamed (with
-stream_options.include_usage) and client.completions.create, greedy, and prints one JSON object:
+stream_options.include_usage) and client.completions.create, greedy, and prints one JSON object.
+PROMPT (the user message) and SYSTEM (an optional system message) make the chat; COMPLETION_PROMPT
+the text completion. The defaults are prompts whose greedy SmolLM2 answers have wide margins.
+
+
 
   {"openai_version", "models", "chat": {content, finish_reason, usage, id, object},
    "chat_stream": {content, chunks, roles, finish_reason, usage, usage_chunks},
@@ -28,6 +32,8 @@ def main() -> int:
     if not base.endswith("/v1"):
         base += "/v1"
     prompt = sys.argv[2] if len(sys.argv) > 2 else "What is the capital of France? Answer in one sentence."
+    system = sys.argv[3] if len(sys.argv) > 3 else "You are a helpful assistant."
+    completion_prompt = sys.argv[4] if len(sys.argv) > 4 else "1, 2, 3, 4, 5,"
     # The proxy holds the key itself and ignores the API key; the package insists on one.
     client = openai.OpenAI(base_url=base, api_key="unused", max_retries=0, timeout=300)
     out = {"openai_version": openai.__version__}
@@ -35,6 +41,8 @@ def main() -> int:
     out["models"] = [m.id for m in client.models.list().data]
     model = out["models"][0]
     messages = [{"role": "user", "content": prompt}]
+    if system:
+        messages.insert(0, {"role": "system", "content": system})
 
     r = client.chat.completions.create(model=model, messages=messages, temperature=0, max_tokens=48)
     out["chat"] = {
@@ -77,7 +85,7 @@ def main() -> int:
         "usage_chunks": usage_chunks,
     }
 
-    c = client.completions.create(model=model, prompt="The capital of France is", temperature=0, max_tokens=8)
+    c = client.completions.create(model=model, prompt=completion_prompt, temperature=0, max_tokens=8)
     out["completion"] = {
         "object": c.object,
         "text": c.choices[0].text,

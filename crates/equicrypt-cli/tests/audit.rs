@@ -13,20 +13,15 @@ use support::run_ok as run;
 
 /// The Brown corpus, or `None` (after printing SKIP) when it is absent and not required.
 fn brown(test: &str) -> Option<PathBuf> {
-    let p = PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../models/corpora/brown"
-    ));
-    if p.join("cats.txt").exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("EQUICRYPT_REQUIRE_MODELS").as_deref() != Ok("1"),
-        "{test}: {} is missing and EQUICRYPT_REQUIRE_MODELS=1",
-        p.display()
-    );
-    println!("SKIP {test}: no corpus (run `equicrypt fetch-corpus brown`)");
-    None
+    let p = equicrypt_test_support::workspace().join("models/corpora/brown");
+    equicrypt_test_support::require_or_skip(
+        test,
+        p.join("cats.txt").exists(),
+        &format!("corpus {}", p.display()),
+        "EQUICRYPT_REQUIRE_MODELS",
+        "run `equicrypt fetch-corpus brown`",
+    )
+    .map(|()| p)
 }
 
 fn row<'a>(report: &'a serde_json::Value, id: &str) -> &'a serde_json::Value {

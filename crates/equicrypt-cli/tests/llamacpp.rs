@@ -7,9 +7,9 @@
 //!
 //! * `stock_llamacpp_answers_ciphertext_prompt`: keygen + encrypt with the built binary, then
 //!   `scripts/llamacpp_stock_check.py` runs unmodified llama.cpp on the encrypted GGUF with a
-//!   ciphertext chat prompt; the decrypted answer must mention Paris, generation must stop at the
-//!   ciphertext EOS by llama.cpp's own end-of-generation logic, and the plaintext model in
-//!   llama.cpp must agree on the leading tokens.
+//!   ciphertext chat prompt whose greedy margin is wide (checked in our engine first); the
+//!   decrypted answer must equal the plain model's greedy answer in our engine and in llama.cpp,
+//!   and generation must stop at the ciphertext EOS by llama.cpp's own end-of-generation logic.
 //! * `llamacpp_eval_short_job`: `scripts/llamacpp_eval.py` on 200 tokens of the built-in text and
 //!   3 prompts; top-1 agreement ≥ 0.9 and mean KL < 0.05.
 //! * `llamacpp_eval_full_job` (ignored; run with `--ignored`): the full built-in text and all 20
@@ -23,6 +23,9 @@ use std::process::Command;
 use equicrypt_client::{ChatMessage, ChatTemplate, CipherSession, GgufTokenizer};
 use equicrypt_core::SecretKey;
 use equicrypt_model::GgufFile;
+use equicrypt_test_support::{
+    assert_margin, chat_margin, llama_cpp_python, smollm2, wide_margin_chat,
+};
 use serde_json::{json, Value};
 
 const EVAL_TEXT: &str = include_str!("../data/eval.txt");
@@ -36,43 +39,15 @@ fn script(name: &str) -> PathBuf {
     workspace().join("scripts").join(name)
 }
 
-fn flag(name: &str) -> bool {
-    std::env::var(name).map(|v| v == "1").unwrap_or(false)
-}
-
 fn threads() -> String {
     std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "1".into())
 }
 
-/// The model path, or None (after printing SKIP) when the test should be skipped.
+/// The model path, or None (after printing SKIP) when the model or llama-cpp-python is absent
+/// (a failure under `EQUICRYPT_REQUIRE_MODELS=1` / `EQUICRYPT_REQUIRE_LLAMACPP=1`).
 fn model_path(test: &str) -> Option<PathBuf> {
-    let p = std::env::var_os("EQUICRYPT_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| workspace().join("models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"));
-    if !p.is_file() {
-        if flag("EQUICRYPT_REQUIRE_MODELS") {
-            panic!(
-                "{}: model {} missing (EQUICRYPT_REQUIRE_MODELS=1)",
-                test,
-                p.display()
-            );
-        }
-        eprintln!("SKIP {test}: model {} not found", p.display());
-        return None;
-    }
-    let ok = Command::new("python3")
-        .args(["-c", "import llama_cpp"])
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false);
-    if !ok {
-        if flag("EQUICRYPT_REQUIRE_LLAMACPP") {
-            panic!("{test}: python3 cannot import llama_cpp (EQUICRYPT_REQUIRE_LLAMACPP=1)");
-        }
-        eprintln!("SKIP {test}: python3 cannot import llama_cpp");
-        return None;
-    }
-    Some(p)
+    let p = smollm2(test)?;
+    llama_cpp_python(test).then_some(p)
 }
 
 /// Temp dir with a fresh key and the encrypted model, plus the client side.
@@ -141,10 +116,12 @@ fn fixture_mode(plain: PathBuf, mode: Option<&str>) -> Fixture {
 impl Fixture {
     /// Chat-templated plaintext ids of one user turn.
     fn chat_ids(&self, q: &str) -> Vec<u32> {
-        let text = self
-            .template
-            .render(&[ChatMessage::new("user", q)], true)
-            .unwrap();
+        self.messages_ids(&[ChatMessage::new("user", q)])
+    }
+
+    /// Chat-templated plaintext ids of `messages`.
+    fn messages_ids(&self, messages: &[ChatMessage]) -> Vec<u32> {
+        let text = self.template.render(messages, true).unwrap();
         self.session.tokenizer().encode(&text, true).unwrap()
     }
 
@@ -229,8 +206,11 @@ fn stock_llamacpp_answers_ciphertext_prompt() {
         return;
     };
     let fx = fixture(plain);
-    let q = "What is the capital of France?";
-    let plain_ids = fx.chat_ids(q);
+    let expect = chat_margin(&fx.plain, &wide_margin_chat(), 64);
+    assert_margin(&expect, "stock llama.cpp chat prompt");
+    assert!(expect.stopped, "{:?}", expect.text);
+    let expect_ids = &expect.tokens[..expect.tokens.len() - 1];
+    let plain_ids = fx.messages_ids(&wide_margin_chat());
     let cipher_ids = fx.session.encrypt_ids(&plain_ids).unwrap();
     assert_ne!(plain_ids, cipher_ids);
 
@@ -270,7 +250,12 @@ fn stock_llamacpp_answers_ciphertext_prompt() {
     let cipher_out = u32s(&r["cipher_output"]);
     let answer = fx.session.decrypt_text(&cipher_out).unwrap();
     eprintln!("decrypted answer: {answer:?}");
-    assert!(answer.contains("Paris"), "answer lacks Paris: {answer:?}");
+    assert_eq!(
+        fx.session.decrypt_ids(&cipher_out).unwrap(),
+        expect_ids,
+        "llama.cpp's answer {answer:?} differs from ours {:?}",
+        expect.text
+    );
     assert_eq!(r["stopped_at_eos"], json!(true), "did not stop at the EOS");
     let stop = r["stop_id"].as_u64().unwrap() as u32;
     assert!(
@@ -298,6 +283,10 @@ fn stock_llamacpp_answers_ciphertext_prompt() {
         plain_out.len()
     );
     assert!(agree >= 3, "only {agree} leading tokens agree");
+    assert_eq!(
+        plain_out, expect_ids,
+        "plaintext llama.cpp differs from our engine"
+    );
 }
 
 fn check_eval(r: &Value, min_top1: f64, max_kl: f64) {

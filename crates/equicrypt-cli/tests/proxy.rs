@@ -16,8 +16,12 @@ mod support;
 use std::net::SocketAddr;
 use std::process::Command;
 
+use equicrypt_test_support::{
+    assert_margin, chat_margin, openai_python, wide_margin_chat, WIDE_MARGIN_COMPLETION,
+    WIDE_MARGIN_SYSTEM, WIDE_MARGIN_USER,
+};
 use serde_json::Value;
-use support::{Fixture, Proc, Relay, FRANCE};
+use support::{Fixture, Proc, Relay};
 
 fn have_curl() -> bool {
     Command::new("curl")
@@ -102,6 +106,10 @@ async fn proxy_speaks_openai_http_and_sends_only_ciphertext() {
         }
     );
     let up_before = relay.rec.up.lock().unwrap().len();
+    // The chat has a wide greedy margin; its answer must be the plain model's in-process one.
+    let expect = chat_margin(&fx.plain, &wide_margin_chat(), 48);
+    assert_margin(&expect, "proxy chat");
+    let expect = expect.text;
 
     let checks = tokio::task::spawn_blocking(move || {
         // GET /v1/models: the served model's id.
@@ -115,7 +123,10 @@ async fn proxy_speaks_openai_http_and_sends_only_ciphertext() {
         // Non-streamed chat.
         let req = serde_json::json!({
             "model": "enc",
-            "messages": [{"role": "user", "content": FRANCE}],
+            "messages": [
+                {"role": "system", "content": WIDE_MARGIN_SYSTEM},
+                {"role": "user", "content": WIDE_MARGIN_USER},
+            ],
             "temperature": 0, "max_tokens": 48,
         });
         let (code, body) = http(addr, "POST", "/v1/chat/completions", Some(&req.to_string()));
@@ -127,7 +138,7 @@ async fn proxy_speaks_openai_http_and_sends_only_ciphertext() {
             .as_str()
             .unwrap()
             .to_string();
-        assert!(content.contains("Paris"), "{body}");
+        assert_eq!(content.trim(), expect.trim(), "{body}");
         assert_eq!(v["choices"][0]["finish_reason"], "stop", "{body}");
         let u = &v["usage"];
         let (p, c) = (
@@ -174,7 +185,7 @@ async fn proxy_speaks_openai_http_and_sends_only_ciphertext() {
 
         // Text completion with a plaintext prompt, non-streamed and streamed.
         let creq = serde_json::json!({
-            "model": "enc", "prompt": "The capital of France is", "temperature": 0, "max_tokens": 8,
+            "model": "enc", "prompt": WIDE_MARGIN_COMPLETION, "temperature": 0, "max_tokens": 8,
         });
         let (code, body) = http(addr, "POST", "/v1/completions", Some(&creq.to_string()));
         assert_eq!(code, 200, "{body}");
@@ -238,7 +249,13 @@ async fn proxy_speaks_openai_http_and_sends_only_ciphertext() {
     let down = relay.rec.down_text();
     assert!(up.len() > up_before);
     assert_eq!(up.matches("POST /completion").count(), 4, "{up}");
-    for w in support::words(&format!("{FRANCE} {} {}", checks.0, checks.1), 5) {
+    for w in support::words(
+        &format!(
+            "{WIDE_MARGIN_SYSTEM} {WIDE_MARGIN_USER} {} {}",
+            checks.0, checks.1
+        ),
+        5,
+    ) {
         let w = w.as_str();
         if ["prompt", "completion"].contains(&w) {
             continue;
@@ -309,37 +326,21 @@ fn hang_up_mid_stream(addr: SocketAddr) {
     drop(s);
 }
 
-fn openai_available(test: &str) -> bool {
-    let ok = Command::new("python3")
-        .args(["-c", "import openai"])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    if !ok {
-        assert!(
-            std::env::var("EQUICRYPT_REQUIRE_OPENAI").as_deref() != Ok("1"),
-            "{test}: the openai Python package is required (EQUICRYPT_REQUIRE_OPENAI=1) but \
-             `python3 -c 'import openai'` fails; python3 -m pip install openai"
-        );
-        println!(
-            "SKIP {test}: the openai Python package is absent (python3 -m pip install openai)"
-        );
-    }
-    ok
-}
-
 #[test]
 fn official_openai_python_package_talks_to_the_proxy() {
     let test = "official_openai_python_package_talks_to_the_proxy";
     let Some(plain) = support::smollm2(test) else {
         return;
     };
-    if !openai_available(test) {
+    if !openai_python(test) {
         return;
     }
     let _heavy = support::heavy_lock();
     let fx = Fixture::new(&plain);
     let (_server, server_addr) = Proc::serve(&fx.enc);
     let (_proxy, addr) = Proc::proxy(&fx.key_path, &fx.plain, server_addr);
+    let expect = chat_margin(&fx.plain, &wide_margin_chat(), 48);
+    assert_margin(&expect, "openai chat");
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../scripts/openai_proxy_check.py"
@@ -347,6 +348,7 @@ fn official_openai_python_package_talks_to_the_proxy() {
     let o = Command::new("python3")
         .arg(script)
         .arg(format!("http://{addr}"))
+        .args([WIDE_MARGIN_USER, WIDE_MARGIN_SYSTEM, WIDE_MARGIN_COMPLETION])
         .env("NO_PROXY", "*")
         .env("no_proxy", "*")
         .output()
@@ -364,7 +366,7 @@ fn official_openai_python_package_talks_to_the_proxy() {
     assert_eq!(chat["object"], "chat.completion");
     assert_eq!(chat["role"], "assistant");
     let content = chat["content"].as_str().unwrap();
-    assert!(content.contains("Paris"), "{chat}");
+    assert_eq!(content.trim(), expect.text.trim(), "{chat}");
     assert_eq!(chat["finish_reason"], "stop");
     let u = &chat["usage"];
     assert!(u["prompt_tokens"].as_u64().unwrap() > 10, "{u}");

@@ -23,6 +23,7 @@ use std::time::Instant;
 use equicrypt_client::remote::{Backend, BlindChat, GenerateParams, RemoteClient};
 use equicrypt_client::{ChatMessage, ClientError};
 use equicrypt_engine::{generate, Engine, LlamaModel, SamplingParams};
+use equicrypt_test_support::{assert_margin, chat_margin, wide_margin_chat, WIDE_MARGIN_USER};
 use support::{Fixture, Proc, Relay, FRANCE};
 
 /// The 20 built-in chat prompts of `equicrypt verify`.
@@ -200,18 +201,22 @@ async fn wire_and_server_logs_hold_no_plaintext_and_no_key() {
         .unwrap();
     let blind = BlindChat::new(&session, &client);
 
-    let prompts = [
-        FRANCE,
-        "Write a haiku about the ocean.",
-        "Name three planets in our solar system.",
+    // The first chat has a wide greedy margin, so its (checked) answer is a sensible sentence
+    // on every CPU kind.
+    let user = |p: &str| vec![ChatMessage::new("user", p)];
+    let chats = [
+        wide_margin_chat(),
+        user("Write a haiku about the ocean."),
+        user("Name three planets in our solar system."),
     ];
+    let expect = chat_margin(&plain, &chats[0], 32);
+    assert_margin(&expect, "wire test's first chat");
     let mut plaintexts: Vec<String> = Vec::new();
     let mut all_cipher_out: Vec<u32> = Vec::new();
     let mut prompt_ciphers = Vec::new();
-    for p in prompts {
-        let text = template
-            .render(&[ChatMessage::new("user", p)], true)
-            .unwrap();
+    for msgs in &chats {
+        let p = msgs.last().unwrap().content.as_str();
+        let text = template.render(msgs, true).unwrap();
         let out = blind
             .generate(&text, GenerateParams::greedy(32), |_, _| {})
             .await
@@ -223,7 +228,12 @@ async fn wire_and_server_logs_hold_no_plaintext_and_no_key() {
         all_cipher_out.extend_from_slice(&out.cipher_ids);
         prompt_ciphers.push(out.prompt_cipher_ids);
     }
-    assert!(plaintexts[1].contains("Paris"), "{}", plaintexts[1]);
+    assert_eq!(plaintexts[0], WIDE_MARGIN_USER);
+    assert_eq!(
+        plaintexts[1],
+        expect.text.trim(),
+        "differs from the in-process answer"
+    );
     let status = server.terminate();
     assert!(status.success(), "serve exited with {status}");
 
@@ -453,13 +463,17 @@ async fn chat_command_answers_through_the_blind_server() {
     let url = format!("http://{addr}");
     let input = format!("{FRANCE}\n/quit\n");
 
+    // The in-process plain answer; `chat` must print the same (whatever it says).
+    let expect = chat_margin(&plain, &[ChatMessage::new("user", FRANCE)], 48);
+    let expect = expect.text.trim();
+    assert!(!expect.is_empty());
     let (out, err) = chat(&fx, &url, &[], &input);
-    assert!(out.contains("Paris"), "{out}");
+    assert!(out.starts_with(expect), "expected {expect:?} in:\n{out}");
     assert!(!out.contains("[server saw"), "{out}");
     assert!(err.contains(&fx.key.fingerprint().0), "{err}");
 
     let (out2, _) = chat(&fx, &url, &["--show-ciphertext"], &input);
-    assert!(out2.contains("Paris"), "{out2}");
+    assert!(out2.starts_with(expect), "expected {expect:?} in:\n{out2}");
     let text = template
         .render(&[ChatMessage::new("user", FRANCE)], true)
         .unwrap();
@@ -483,7 +497,7 @@ async fn chat_command_answers_through_the_blind_server() {
         .map(|s| s.parse().unwrap())
         .collect();
     let answer = session.decrypt_text(&ids).unwrap();
-    assert!(answer.contains("Paris"), "{answer}");
+    assert_eq!(answer.trim(), expect, "{answer}");
     assert!(out2.starts_with(answer.trim()), "{out2}");
     println!("chat answered {:?}; server produced {ids:?}", answer.trim());
 }

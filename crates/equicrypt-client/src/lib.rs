@@ -37,6 +37,7 @@ use equicrypt_core::CoreError;
 
 /// Errors of the client layer.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// Reading the GGUF file failed (I/O or malformed header/metadata).
     #[error("cannot read GGUF '{path}': {reason}")]

@@ -52,7 +52,7 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 fn load(test: &str) -> Option<GgufTokenizer> {
-    let path = common::smollm2_path(test)?;
+    let path = equicrypt_test_support::smollm2(test)?;
     Some(GgufTokenizer::from_path(path).expect("SmolLM2 tokenizer builds"))
 }
 
@@ -128,7 +128,7 @@ fn golden_vocab_metadata_and_pieces() {
 
 #[test]
 fn smollm2_chat_template_renders_chatml() {
-    let Some(path) = common::smollm2_path("smollm2_chat_template_renders_chatml") else {
+    let Some(path) = equicrypt_test_support::smollm2("smollm2_chat_template_renders_chatml") else {
         return;
     };
     let content = {

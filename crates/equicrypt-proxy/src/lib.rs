@@ -48,6 +48,7 @@ pub struct ProxyState {
 
 /// Errors answered as OpenAI-style JSON.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ProxyError {
     /// The request is malformed or unsupported.
     #[error("{0}")]

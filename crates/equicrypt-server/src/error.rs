@@ -7,6 +7,7 @@ use equicrypt_protocol::ErrorBody;
 
 /// Everything that can stop the server from starting or running.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ServerError {
     /// The model file could not be read or loaded.
     #[error("model: {0}")]
@@ -27,6 +28,7 @@ pub enum ServerError {
 
 /// An error answer of the HTTP API; every variant becomes a JSON [`ErrorBody`].
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum ApiError {
     /// 400 `invalid_request_error`.
     #[error("{0}")]

@@ -1,14 +1,15 @@
 //! Shared helpers of the blind-serving tests (`serving.rs`, `proxy.rs`): the real model, a key and
 //! an encrypted model made with the built binary, child processes (`equicrypt serve`, `proxy`,
-//! `chat`) that are killed when dropped, a recording TCP relay, and a minimal HTTP client.
+//! `chat`) that are killed when dropped, and a recording TCP relay. The model path, SKIP policy,
+//! heavy-test lock, child guard and raw HTTP client come from `equicrypt-test-support`.
 
 #![allow(dead_code)]
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use equicrypt_client::{ChatTemplate, CipherSession, GgufTokenizer};
@@ -19,40 +20,13 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// The `equicrypt` binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_equicrypt");
 
-/// The chat prompt whose answer names Paris.
+/// A user-only chat prompt (SmolLM2's template then adds its default system message; its greedy
+/// answer is a near-tie on some CPUs, so tests compare answers with a reference, never with a text).
 pub const FRANCE: &str = "What is the capital of France? Answer in one sentence.";
 
-/// Serializes the tests that run a model: the CI machine has two cores, and candle's quantized
-/// CPU path spin-waits, so two model runs per core collapse.
-pub fn heavy_lock() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// The plaintext SmolLM2 GGUF, or `None` (after printing SKIP) when it is absent and not required.
-pub fn smollm2(test: &str) -> Option<PathBuf> {
-    let p = std::env::var("EQUICRYPT_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(concat!(
-                env!("CARGO_MANIFEST_DIR"),
-                "/../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-            ))
-        });
-    if p.exists() {
-        return Some(p);
-    }
-    assert!(
-        std::env::var("EQUICRYPT_REQUIRE_MODELS").as_deref() != Ok("1"),
-        "{test}: {} is missing and EQUICRYPT_REQUIRE_MODELS=1",
-        p.display()
-    );
-    println!(
-        "SKIP {test}: {} not found (run `equicrypt fetch-model smollm2`)",
-        p.display()
-    );
-    None
-}
+// Not every test binary that includes this module uses all of them.
+#[allow(unused_imports)]
+pub use equicrypt_test_support::{heavy_lock, raw_http, smollm2, ChildGuard};
 
 /// Runs the binary to completion; panics with its stderr on failure; returns stdout.
 pub fn run_ok(args: &[&std::ffi::OsStr]) -> String {
@@ -139,7 +113,7 @@ impl Fixture {
 /// while a failed assertion unwinds.
 pub struct Proc {
     pub name: String,
-    pub child: Child,
+    pub child: ChildGuard,
     pub stdout: Arc<Mutex<Vec<u8>>>,
     pub stderr: Arc<Mutex<Vec<u8>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -178,7 +152,7 @@ impl Proc {
         ];
         Self {
             name: name.to_string(),
-            child,
+            child: ChildGuard(child),
             stdout,
             stderr,
             readers,
@@ -282,13 +256,6 @@ impl Proc {
     }
 }
 
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn wait_health(p: &mut Proc, addr: SocketAddr) {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
@@ -306,40 +273,6 @@ fn wait_health(p: &mut Proc, addr: SocketAddr) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// One HTTP/1.0 request (`Connection: close`, so streamed bodies end with the connection and
-/// need no de-chunking); returns the status and body.
-pub fn raw_http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    json_body: Option<&str>,
-) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))?;
-    s.set_read_timeout(Some(Duration::from_secs(300)))?;
-    let mut req = format!("{method} {path} HTTP/1.0\r\nHost: {addr}\r\nConnection: close\r\n");
-    if let Some(b) = json_body {
-        req.push_str(&format!(
-            "Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{b}",
-            b.len()
-        ));
-    } else {
-        req.push_str("\r\n");
-    }
-    s.write_all(req.as_bytes())?;
-    let mut resp = Vec::new();
-    s.read_to_end(&mut resp)?;
-    let text = String::from_utf8_lossy(&resp).into_owned();
-    let (head, body) = text
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| std::io::Error::other(format!("no header end in {text:?}")))?;
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .ok_or_else(|| std::io::Error::other(format!("bad status line in {head:?}")))?;
-    Ok((status, body.to_string()))
 }
 
 /// Both directions of every connection that went through a [`Relay`].

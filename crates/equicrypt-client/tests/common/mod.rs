@@ -1,8 +1,8 @@
-//! Shared helpers: a tiny hand-made byte-level BPE vocabulary, and the SmolLM2 model path.
+//! Shared helpers: a tiny hand-made byte-level BPE vocabulary (the model path and SKIP policy
+//! are in `equicrypt-test-support`).
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 
 use candle_core::quantized::gguf_file::Value;
 
@@ -92,26 +92,3 @@ pub fn merge_id(i: usize) -> u32 {
 
 /// SmolLM2-135M-Instruct's chat template, verbatim from its GGUF.
 pub const SMOLLM2_TEMPLATE: &str = "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}";
-
-/// The SmolLM2 GGUF path if present: `$EQUICRYPT_SMOLLM2`, else
-/// `<workspace>/models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf`. When absent, prints a skip
-/// message and returns `None` — or panics if `EQUICRYPT_REQUIRE_MODELS=1`.
-pub fn smollm2_path(test: &str) -> Option<PathBuf> {
-    let path = std::env::var_os("EQUICRYPT_SMOLLM2")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-                .join("../../models/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
-        });
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var("EQUICRYPT_REQUIRE_MODELS").as_deref() == Ok("1") {
-        panic!(
-            "{test}: model {} is required (EQUICRYPT_REQUIRE_MODELS=1) but absent",
-            path.display()
-        );
-    }
-    eprintln!("SKIP {test}: model {} not found", path.display());
-    None
-}
