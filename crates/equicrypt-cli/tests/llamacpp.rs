@@ -11,7 +11,8 @@
 //!   decrypted answer must equal the plain model's greedy answer in our engine and in llama.cpp,
 //!   and generation must stop at the ciphertext EOS by llama.cpp's own end-of-generation logic.
 //! * `llamacpp_eval_short_job`: `scripts/llamacpp_eval.py` on 200 tokens of the built-in text and
-//!   3 prompts; top-1 agreement ≥ 0.9 and mean KL < 0.05.
+//!   3 prompts with a default-mode (`stock`) file: every logit row bit-identical and every greedy
+//!   answer identical (the promise of `docs/exactness.md` for the portable llama.cpp build).
 //! * `llamacpp_eval_full_job` (ignored; run with `--ignored`): the full built-in text and all 20
 //!   prompts, prints the report (and writes the job to `EQUICRYPT_LLAMACPP_JOB_OUT` if set;
 //!   `EQUICRYPT_LLAMACPP_MODE=perm-full` picks the encryption mode).
@@ -333,6 +334,14 @@ fn llamacpp_eval_short_job() {
     assert_eq!(r["logits"]["tokens"], json!(200));
     assert_eq!(r["generation"]["prompts"], json!(3));
     check_eval(&r, 0.9, 0.05);
+    assert_eq!(
+        r["logits"]["bit_identical_rows"],
+        json!(200),
+        "stock mode promises bit-identical logits on the portable llama.cpp build ({})",
+        r["engine_build"]
+    );
+    assert_eq!(r["logits"]["max_abs_logit_diff"].as_f64(), Some(0.0));
+    assert_eq!(r["generation"]["identical"], json!(3));
 }
 
 /// The same with full hidden permutations (`--mode perm-full`): not bit-exact in llama.cpp (changed

@@ -530,7 +530,10 @@ async fn models_shows_the_fingerprint() {
         .fingerprint()
         .0;
     assert_eq!(m.key_fingerprint.as_deref(), Some(fp.as_str()));
-    assert_eq!(m.encryption_mode.as_deref(), Some("perm-exact"));
+    assert_eq!(
+        m.encryption_mode.as_deref(),
+        Some(equicrypt_core::PermMode::default().as_str())
+    );
     assert_eq!(
         (m.id.as_str(), m.vocab_size, m.context_length),
         ("tiny-enc", 96, 256)
