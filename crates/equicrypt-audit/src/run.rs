@@ -31,6 +31,7 @@ type Result<T, E = AuditError> = std::result::Result<T, E>;
 
 /// How much time the audit may spend.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Budget {
     /// A couple of minutes: small samples of everything.
     Quick,
@@ -53,6 +54,7 @@ impl Budget {
 
 /// Attacks and defence measurements that [`AuditConfig::only`] can select.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[cfg_attr(feature = "clap", derive(clap::ValueEnum))]
 pub enum Stage {
     /// A1: sorted-row weight matching against the public weights.
     A1,

@@ -5,64 +5,10 @@
 use std::path::PathBuf;
 
 use anyhow::Result;
-use clap::{Args, ValueEnum};
-use equicrypt_audit::{run_audit, AuditConfig};
+use clap::Args;
+use equicrypt_audit::{run_audit, AuditConfig, Budget, Stage};
 
 use crate::keyfile;
-
-/// How much time the audit may spend.
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum Budget {
-    /// A couple of minutes: small samples of everything.
-    Quick,
-    /// The default: the full audit in about 15 minutes on 2 cores.
-    Standard,
-    /// Every id for A2 and longer searches: far longer than 15 minutes.
-    Full,
-}
-
-impl From<Budget> for equicrypt_audit::Budget {
-    fn from(b: Budget) -> Self {
-        match b {
-            Budget::Quick => Self::Quick,
-            Budget::Standard => Self::Standard,
-            Budget::Full => Self::Full,
-        }
-    }
-}
-
-/// Attacks and defence measurements that `--only` can select.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum Stage {
-    /// A1: sorted-row weight matching against the public weights.
-    A1,
-    /// A1-R: Procrustes against a simulated rotation mode.
-    Rotation,
-    /// A2: functional fingerprint.
-    A2,
-    /// A3: ciphertext-only frequency analysis with hill-climbing.
-    A3,
-    /// A4: the model as its own oracle.
-    A4,
-    /// Defence (a): per-session vocabulary re-keying.
-    Rekey,
-    /// Defence (b): hidden special ids.
-    Special,
-}
-
-impl From<Stage> for equicrypt_audit::Stage {
-    fn from(s: Stage) -> Self {
-        match s {
-            Stage::A1 => Self::A1,
-            Stage::Rotation => Self::Rotation,
-            Stage::A2 => Self::A2,
-            Stage::A3 => Self::A3,
-            Stage::A4 => Self::A4,
-            Stage::Rekey => Self::Rekey,
-            Stage::Special => Self::Special,
-        }
-    }
-}
 
 /// Arguments of `audit`.
 #[derive(Args)]
@@ -133,11 +79,11 @@ impl AuditArgs {
             key,
             corpus: self.corpus.clone(),
             out: self.out.clone(),
-            budget: self.budget.into(),
+            budget: self.budget,
             only: self
                 .only
                 .as_ref()
-                .map(|o| o.iter().map(|&s| s.into()).collect()),
+                .cloned(),
             a2_targets: self.a2_targets,
             a2_candidates: self.a2_candidates,
             a3_seconds: self.a3_seconds,

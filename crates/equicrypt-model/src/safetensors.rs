@@ -279,24 +279,7 @@ impl TensorSink for SafetensorsSink {
     }
 
     fn finish(self) -> Result<(), ModelError> {
-        if self.next != self.headers.len() {
-            return Err(ModelError::Internal(format!(
-                "only {} of {} tensors were written",
-                self.next,
-                self.headers.len()
-            )));
-        }
-        let dest = self.dest.clone();
-        let tmp = self
-            .out
-            .into_inner()
-            .map_err(|e| ModelError::io(&dest, e.into_error()))?;
-        tmp.as_file()
-            .sync_all()
-            .map_err(|e| ModelError::io(&dest, e))?;
-        tmp.persist(&dest)
-            .map_err(|e| ModelError::io(&dest, e.error))?;
-        Ok(())
+        crate::source::persist_atomically(self.out, &self.dest, self.next, self.headers.len())
     }
 }
 
