@@ -80,10 +80,7 @@ impl AuditArgs {
             corpus: self.corpus.clone(),
             out: self.out.clone(),
             budget: self.budget,
-            only: self
-                .only
-                .as_ref()
-                .cloned(),
+            only: self.only.clone(),
             a2_targets: self.a2_targets,
             a2_candidates: self.a2_candidates,
             a3_seconds: self.a3_seconds,

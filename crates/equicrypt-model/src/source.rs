@@ -80,6 +80,30 @@ impl TensorSink for GgufWriter {
     }
 }
 
+/// Finishes a sink's temporary file: checks that all `expected` tensors were written, flushes,
+/// syncs and atomically renames it to `dest` (nothing appears at `dest` on any error).
+pub(crate) fn persist_atomically(
+    out: std::io::BufWriter<tempfile::NamedTempFile>,
+    dest: &std::path::Path,
+    written: usize,
+    expected: usize,
+) -> Result<(), ModelError> {
+    if written != expected {
+        return Err(ModelError::Internal(format!(
+            "only {written} of {expected} tensors were written"
+        )));
+    }
+    let tmp = out
+        .into_inner()
+        .map_err(|e| ModelError::io(dest, e.into_error()))?;
+    tmp.as_file()
+        .sync_all()
+        .map_err(|e| ModelError::io(dest, e))?;
+    tmp.persist(dest)
+        .map_err(|e| ModelError::io(dest, e.error))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -121,28 +145,4 @@ mod tests {
             Some(vec![96, 64])
         );
     }
-}
-
-/// Finishes a sink's temporary file: checks that all `expected` tensors were written, flushes,
-/// syncs and atomically renames it to `dest` (nothing appears at `dest` on any error).
-pub(crate) fn persist_atomically(
-    out: std::io::BufWriter<tempfile::NamedTempFile>,
-    dest: &std::path::Path,
-    written: usize,
-    expected: usize,
-) -> Result<(), ModelError> {
-    if written != expected {
-        return Err(ModelError::Internal(format!(
-            "only {written} of {expected} tensors were written"
-        )));
-    }
-    let tmp = out
-        .into_inner()
-        .map_err(|e| ModelError::io(dest, e.into_error()))?;
-    tmp.as_file()
-        .sync_all()
-        .map_err(|e| ModelError::io(dest, e))?;
-    tmp.persist(dest)
-        .map_err(|e| ModelError::io(dest, e.error))?;
-    Ok(())
 }
