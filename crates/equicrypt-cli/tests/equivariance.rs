@@ -3,9 +3,10 @@
 //! through the vocabulary permutation, and compare.
 
 use candle_core::quantized::GgmlDType;
-use equicrypt_core::{LlamaShape, PermMode, SecretKey, VocabPermutation};
+use equicrypt_core::{PermMode, SecretKey, VocabPermutation};
 use equicrypt_engine::{Engine, LlamaModel};
-use equicrypt_model::{encrypt_gguf, synthetic::SyntheticLlama, EncryptOptions};
+use equicrypt_model::synthetic::{SyntheticLlama, SyntheticShape};
+use equicrypt_model::{encrypt_gguf, EncryptOptions};
 use proptest::prelude::*;
 
 /// Runs plain and encrypted models on `ids` and returns (plain logits, decrypted encrypted logits).
@@ -38,9 +39,9 @@ fn run_pair(
     (a, dec)
 }
 
-fn shapes() -> impl Strategy<Value = LlamaShape> {
+fn shapes() -> impl Strategy<Value = SyntheticShape> {
     prop_oneof![
-        Just(LlamaShape {
+        Just(SyntheticShape {
             n_layers: 2,
             d_model: 64,
             d_ff: 128,
@@ -48,7 +49,7 @@ fn shapes() -> impl Strategy<Value = LlamaShape> {
             n_kv_head: 1,
             vocab: 96
         }),
-        Just(LlamaShape {
+        Just(SyntheticShape {
             n_layers: 2,
             d_model: 128,
             d_ff: 128,
@@ -56,7 +57,7 @@ fn shapes() -> impl Strategy<Value = LlamaShape> {
             n_kv_head: 2,
             vocab: 80
         }),
-        Just(LlamaShape {
+        Just(SyntheticShape {
             n_layers: 1,
             d_model: 128,
             d_ff: 256,

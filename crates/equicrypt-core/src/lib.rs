@@ -16,7 +16,7 @@ mod key;
 mod llama;
 mod permutation;
 
-pub use config::{ConfigError, LlamaConfig, LlamaShape, MetaValue, MetadataSource};
+pub use config::{ConfigError, LlamaConfig, MetaValue, MetadataSource};
 pub use exactness::{EngineKind, Exactness};
 pub use families::{ArchFamily, LlamaFamily, TensorRole};
 pub use key::{KeyFingerprint, SecretKey, KEY_FILE_HEADER};

@@ -430,14 +430,18 @@ mod tests {
     use super::*;
 
     fn shape() -> LlamaConfig {
-        LlamaConfig::from(crate::LlamaShape {
-            n_layers: 2,
+        LlamaConfig {
+            n_layer: 2,
             d_model: 128,
             d_ff: 256,
             n_head: 4,
             n_kv_head: 2,
-            vocab: 100,
-        })
+            head_dim: 32,
+            vocab_size: 100,
+            context_length: 256,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+        }
     }
 
     fn key(b: u8) -> SecretKey {

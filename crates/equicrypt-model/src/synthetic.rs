@@ -6,16 +6,58 @@ use std::path::Path;
 use candle_core::quantized::gguf_file::Value;
 use candle_core::quantized::{GgmlDType, QTensor};
 use candle_core::{Device, Tensor};
-use equicrypt_core::LlamaShape;
+use equicrypt_core::LlamaConfig;
 
 use crate::gguf::{GgufWriter, TensorHeader};
 use crate::ModelError;
+
+/// The six sizes a test picks for a synthetic LLaMA model. [`SyntheticShape::config`] completes
+/// them into the family's one config type with the synthetic models' context length (256), RoPE
+/// base (10000) and RMSNorm epsilon (1e-5); files are always read into a [`LlamaConfig`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SyntheticShape {
+    /// Number of transformer blocks.
+    pub n_layers: usize,
+    /// Width of the residual stream.
+    pub d_model: usize,
+    /// Width of the FFN intermediate space.
+    pub d_ff: usize,
+    /// Number of query heads.
+    pub n_head: usize,
+    /// Number of key/value heads (grouped-query attention when smaller than `n_head`).
+    pub n_kv_head: usize,
+    /// Vocabulary size.
+    pub vocab: usize,
+}
+
+impl SyntheticShape {
+    /// Dimension of one attention head.
+    pub fn head_dim(&self) -> usize {
+        self.d_model.checked_div(self.n_head).unwrap_or(0)
+    }
+
+    /// The config a file written from this shape is read back into.
+    pub fn config(&self) -> LlamaConfig {
+        LlamaConfig {
+            n_layer: self.n_layers,
+            d_model: self.d_model,
+            d_ff: self.d_ff,
+            n_head: self.n_head,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim(),
+            vocab_size: self.vocab,
+            context_length: 256,
+            rope_base: 10000.0,
+            rms_eps: 1e-5,
+        }
+    }
+}
 
 /// Recipe of a synthetic model.
 #[derive(Clone, Debug)]
 pub struct SyntheticLlama {
     /// Hyper-parameters.
-    pub shape: LlamaShape,
+    pub shape: SyntheticShape,
     /// Storage type of the attention and FFN matrices.
     pub matrix_dtype: GgmlDType,
     /// Storage type of the token embedding (and head).
@@ -30,7 +72,7 @@ impl SyntheticLlama {
     /// A small F32 model with the given seed.
     pub fn tiny_f32(seed: u64) -> Self {
         Self {
-            shape: LlamaShape {
+            shape: SyntheticShape {
                 n_layers: 2,
                 d_model: 64,
                 d_ff: 128,
