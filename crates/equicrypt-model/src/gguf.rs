@@ -335,17 +335,7 @@ impl GgufWriter {
 
     /// Writes the bytes of the next tensor (in header order).
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), ModelError> {
-        let h = self
-            .headers
-            .get(self.next)
-            .ok_or_else(|| ModelError::Internal(format!("unexpected tensor '{name}'")))?;
-        if h.name != name || h.size != data.len() as u64 {
-            return Err(ModelError::Internal(format!(
-                "tensor '{name}' ({} bytes) written out of order or with the wrong size",
-                data.len()
-            )));
-        }
-        self.next += 1;
+        crate::source::check_next_tensor(&self.headers, &mut self.next, name, data.len())?;
         self.put(data)?;
         self.pad()
     }

@@ -31,7 +31,7 @@ use candle_core::quantized::gguf_file::Value;
 use equicrypt_core::{KeyFingerprint, Permutation, SecretKey, TensorTransform, VocabPermutation};
 
 use crate::encrypt::EncryptedModelInfo;
-use crate::gguf::{GgufFile, GgufWriter, TensorEntry, TensorHeader};
+use crate::gguf::{GgufFile, GgufWriter, TensorEntry};
 use crate::inspect::TOKEN_ID_KEYS;
 use crate::quant::{transform_tensor, BlockFormat};
 use crate::ModelError;
@@ -240,16 +240,7 @@ pub fn rekey_gguf(
     drop(base);
 
     let meta = session_metadata(&f, &sigma, label)?;
-    let headers = f
-        .tensors
-        .iter()
-        .map(|t| TensorHeader {
-            name: t.name.clone(),
-            dtype: t.dtype,
-            dims: t.dims.clone(),
-            size: t.size,
-        })
-        .collect();
+    let headers = crate::source::TensorSource::tensor_infos(&f);
     let mut writer = GgufWriter::create(out, &meta, headers)?;
     let table_bytes = tables.bytes();
     for t in f.tensors.clone() {

@@ -262,17 +262,7 @@ impl SafetensorsSink {
 
 impl TensorSink for SafetensorsSink {
     fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), ModelError> {
-        let h = self
-            .headers
-            .get(self.next)
-            .ok_or_else(|| ModelError::Internal(format!("unexpected tensor '{name}'")))?;
-        if h.name != name || h.size != data.len() as u64 {
-            return Err(ModelError::Internal(format!(
-                "tensor '{name}' ({} bytes) written out of order or with the wrong size",
-                data.len()
-            )));
-        }
-        self.next += 1;
+        crate::source::check_next_tensor(&self.headers, &mut self.next, name, data.len())?;
         self.out
             .write_all(data)
             .map_err(|e| ModelError::io(&self.dest, e))

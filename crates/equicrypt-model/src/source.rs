@@ -80,6 +80,26 @@ impl TensorSink for GgufWriter {
     }
 }
 
+/// Checks that `name` with `len` bytes is the next tensor a sink declared (`headers[*next]`) and
+/// advances `next`: sinks take tensors in header order with their declared sizes.
+pub(crate) fn check_next_tensor(
+    headers: &[TensorInfo],
+    next: &mut usize,
+    name: &str,
+    len: usize,
+) -> Result<(), ModelError> {
+    let h = headers
+        .get(*next)
+        .ok_or_else(|| ModelError::Internal(format!("unexpected tensor '{name}'")))?;
+    if h.name != name || h.size != len as u64 {
+        return Err(ModelError::Internal(format!(
+            "tensor '{name}' ({len} bytes) written out of order or with the wrong size"
+        )));
+    }
+    *next += 1;
+    Ok(())
+}
+
 /// Finishes a sink's temporary file: checks that all `expected` tensors were written, flushes,
 /// syncs and atomically renames it to `dest` (nothing appears at `dest` on any error).
 pub(crate) fn persist_atomically(
