@@ -172,9 +172,13 @@ pub fn meta_f32(src: &dyn MetadataSource, key: &str) -> Result<f32, ConfigError>
 /// Hyper-parameters of a LLaMA-family model: the one config type of the family, read by
 /// [`crate::families::LlamaFamily`] and used by the transform plan and the engine alike.
 ///
-/// Invariants (checked by [`LlamaConfig::validate`]): `n_head * head_dim == d_model`,
-/// `n_head % n_kv_head == 0`, `head_dim` is even, every size is non-zero. The transform plan
-/// additionally needs [`LlamaConfig::validate_for_plan`].
+/// It is also the decoder *shape* other families build on (see [`Gemma3Config`]): the transform
+/// plan needs nothing more.
+///
+/// Invariants (checked by [`LlamaConfig::validate`]): `n_head % n_kv_head == 0`, `head_dim` is
+/// even, every size is non-zero. The query width `n_head * head_dim` is usually `d_model` but
+/// need not be (Gemma 3 270M: 4 × 256 = 1024 against 640). The transform plan additionally needs
+/// [`LlamaConfig::validate_for_plan`].
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {
     /// Number of transformer blocks (`llama.block_count`).
@@ -187,7 +191,8 @@ pub struct LlamaConfig {
     pub n_head: usize,
     /// Key/value heads (`llama.attention.head_count_kv`, defaults to `n_head`).
     pub n_kv_head: usize,
-    /// Dimension of one head, `d_model / n_head`.
+    /// Dimension of one head (`d_model / n_head` unless the format says otherwise, e.g. GGUF
+    /// `*.attention.key_length`).
     pub head_dim: usize,
     /// Number of token ids: rows of the token embedding.
     pub vocab_size: usize,
@@ -197,6 +202,94 @@ pub struct LlamaConfig {
     pub rope_base: f32,
     /// RMSNorm epsilon (`llama.attention.layer_norm_rms_epsilon`).
     pub rms_eps: f32,
+    /// Which head dimensions RoPE rotates together.
+    pub rope_layout: RopeLayout,
+}
+
+/// Which head dimensions RoPE rotates as a pair (see `docs/ee-math.md`, "RoPE pairing by format").
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum RopeLayout {
+    /// Adjacent pairs `(2i, 2i + 1)`: GGUF `llama` (llama.cpp's converter reorders HF rows so).
+    #[default]
+    Interleaved,
+    /// NeoX pairs `(i, i + d/2)`: Hugging Face checkpoints, GGUF `gemma3`, `qwen2`.
+    HalfSplit,
+}
+
+impl RopeLayout {
+    /// The pair index (frequency index) of head dimension `j` in a head of `head_dim`.
+    pub fn pair_of(self, j: usize, head_dim: usize) -> usize {
+        match self {
+            RopeLayout::Interleaved => j / 2,
+            RopeLayout::HalfSplit => j % (head_dim / 2),
+        }
+    }
+}
+
+/// Hyper-parameters of a Gemma 3 decoder (GGUF `gemma3`): the LLaMA shape plus what Gemma 3 adds.
+///
+/// Gemma 3 scales the embedding by `sqrt(d_model)`, normalizes Q and K per head (RMSNorm with
+/// gains `attn_q_norm`/`attn_k_norm`) before RoPE, adds RMSNorms after attention and after the
+/// FFN (`post_attention_norm`, `post_ffw_norm`), uses GeGLU (tanh GELU) and interleaves
+/// sliding-window layers with global ones. Norm gains in GGUF already include Gemma's `1 + w`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Gemma3Config {
+    /// Shape, RoPE base of the global layers, norm epsilon (RoPE layout: half-split).
+    pub base: LlamaConfig,
+    /// Sliding-window length of the local layers (`gemma3.attention.sliding_window`).
+    pub sliding_window: usize,
+    /// Every `swa_pattern`-th layer (1-based) is global, the others local (llama.cpp: 6).
+    pub swa_pattern: usize,
+    /// RoPE base of the local layers (llama.cpp: 10000).
+    pub rope_base_local: f32,
+    /// RoPE position scale of the global layers (`gemma3.rope.scaling.factor`, linear; 1 = none).
+    pub rope_scale_global: f32,
+    /// Query scale applied before attention (`1/sqrt(head_dim)`, as llama.cpp for all but 27B).
+    pub query_scale: f32,
+}
+
+impl Gemma3Config {
+    /// Whether layer `l` attends only to the last [`Gemma3Config::sliding_window`] positions.
+    pub fn is_local(&self, l: usize) -> bool {
+        !(l + 1).is_multiple_of(self.swa_pattern)
+    }
+}
+
+/// The configuration of any supported decoder, as read from a file by its family's reader.
+#[derive(Debug, Clone, PartialEq)]
+#[non_exhaustive]
+pub enum ModelConfig {
+    /// GGUF `llama` (SmolLM2, TinyLlama, Llama 2/3, Mistral).
+    Llama(LlamaConfig),
+    /// GGUF `gemma3`.
+    Gemma3(Gemma3Config),
+}
+
+impl ModelConfig {
+    /// The decoder shape the transform plan is derived from.
+    pub fn base(&self) -> &LlamaConfig {
+        match self {
+            ModelConfig::Llama(c) => c,
+            ModelConfig::Gemma3(c) => &c.base,
+        }
+    }
+
+    /// Mutable access to the shape (e.g. to bound the context length).
+    pub fn base_mut(&mut self) -> &mut LlamaConfig {
+        match self {
+            ModelConfig::Llama(c) => c,
+            ModelConfig::Gemma3(c) => &mut c.base,
+        }
+    }
+
+    /// The GGUF architecture name.
+    pub fn arch(&self) -> &'static str {
+        match self {
+            ModelConfig::Llama(_) => "llama",
+            ModelConfig::Gemma3(_) => "gemma3",
+        }
+    }
 }
 
 impl LlamaConfig {
@@ -213,11 +306,8 @@ impl LlamaConfig {
         {
             return bad(format!("all sizes must be non-zero: {self:?}"));
         }
-        if self.n_head * self.head_dim != self.d_model {
-            return bad(format!(
-                "n_head {} does not divide d_model {} into head_dim {}",
-                self.n_head, self.d_model, self.head_dim
-            ));
+        if self.head_dim == 0 {
+            return bad("head_dim must be non-zero".into());
         }
         if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
@@ -246,12 +336,8 @@ impl LlamaConfig {
         if self.n_head == 0 || self.n_kv_head == 0 || self.n_layer == 0 || self.vocab_size == 0 {
             return bad("zero-sized model".into());
         }
-        if !self.d_model.is_multiple_of(self.n_head) || self.n_head * self.head_dim != self.d_model
-        {
-            return bad(format!(
-                "d_model {} is not a multiple of n_head {}",
-                self.d_model, self.n_head
-            ));
+        if self.head_dim == 0 {
+            return bad("head_dim is zero".into());
         }
         if !self.n_head.is_multiple_of(self.n_kv_head) {
             return bad(format!(
@@ -279,5 +365,10 @@ impl LlamaConfig {
     /// Width of the key/value projections, `n_kv_head * head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.n_kv_head * self.head_dim
+    }
+
+    /// Width of the query projection (and the attention output's input), `n_head * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
     }
 }

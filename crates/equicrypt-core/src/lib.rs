@@ -16,13 +16,17 @@ mod key;
 mod llama;
 mod permutation;
 
-pub use config::{ConfigError, LlamaConfig, MetaValue, MetadataSource};
+pub use config::{
+    ConfigError, Gemma3Config, LlamaConfig, MetaValue, MetadataSource, ModelConfig, RopeLayout,
+};
 pub use exactness::{EngineKind, Exactness};
-pub use families::{ArchFamily, LlamaFamily, TensorRole};
+pub use families::{
+    ArchFamily, Gemma3Family, KnownFamily, LlamaFamily, TensorRole, SUPPORTED_ARCHITECTURES,
+};
 pub use key::{KeyFingerprint, SecretKey, KEY_FILE_HEADER};
 pub use llama::{
     validate_session_label, LayerTransforms, LlamaPlan, PermMode, ResidualPermutation,
-    TensorTransform, VocabPermutation, LANE_GROUP, MAX_SESSION_LABEL, QUANT_BLOCK,
+    TensorTransform, VocabPermutation, EXACT_GROUPS, LANE_GROUP, MAX_SESSION_LABEL, QUANT_BLOCK,
 };
 pub use permutation::Permutation;
 

@@ -239,6 +239,7 @@ fn block_structured(
     label: &str,
     n: usize,
     mode: PermMode,
+    exact_group: usize,
 ) -> Result<Permutation, CoreError> {
     if !n.is_multiple_of(QUANT_BLOCK) {
         return Err(CoreError::UnsupportedShape(format!(
@@ -248,7 +249,8 @@ fn block_structured(
     let mut rng = key.stream(label);
     let group = match mode {
         PermMode::Stock => LANE_GROUP,
-        PermMode::Exact | PermMode::Full => QUANT_BLOCK,
+        PermMode::Exact => exact_group,
+        PermMode::Full => QUANT_BLOCK,
     };
     let groups = n / group;
     let outer = match mode {
@@ -261,15 +263,43 @@ fn block_structured(
     Ok(Permutation::blocked(&outer, &inner))
 }
 
+/// Sub-block sizes an [`PermMode::Exact`] plan can keep permutations inside: 32 (legacy types,
+/// Q4_K, Q5_K) or 16 (Q2_K, Q3_K, Q6_K).
+pub const EXACT_GROUPS: [usize; 2] = [QUANT_BLOCK, 16];
+
 impl LlamaPlan {
-    /// Derives the plan for `shape` from `key`.
+    /// Derives the plan for `shape` from `key`, for files whose finest quantization sub-block is
+    /// 32 values (every legacy type, Q4_K, Q5_K, floats).
     pub fn derive(key: &SecretKey, config: LlamaConfig, mode: PermMode) -> Result<Self, CoreError> {
+        Self::derive_for_sub_block(key, config, mode, QUANT_BLOCK)
+    }
+
+    /// Derives the plan when the finest quantization sub-block of any tensor in the file is
+    /// `sub_block` values (16 for files with Q2_K, Q3_K or Q6_K tensors): [`PermMode::Exact`]
+    /// then permutes inside `sub_block`-groups (for 32 it draws exactly what [`Self::derive`]
+    /// draws). [`PermMode::Stock`] (4-groups) and [`PermMode::Full`] do not depend on it.
+    pub fn derive_for_sub_block(
+        key: &SecretKey,
+        config: LlamaConfig,
+        mode: PermMode,
+        sub_block: usize,
+    ) -> Result<Self, CoreError> {
         config.validate_for_plan()?;
+        if !EXACT_GROUPS.contains(&sub_block) {
+            return Err(CoreError::UnsupportedShape(format!(
+                "quantization sub-block of {sub_block} values (expected 32 or 16)"
+            )));
+        }
         let vocab = VocabPermutation::derive(key, config.vocab_size);
-        let residual =
-            ResidualPermutation(block_structured(key, "residual", config.d_model, mode)?);
+        let residual = ResidualPermutation(block_structured(
+            key,
+            "residual",
+            config.d_model,
+            mode,
+            sub_block,
+        )?);
         let layers = (0..config.n_layer)
-            .map(|l| Self::derive_layer(key, &config, mode, l))
+            .map(|l| Self::derive_layer(key, &config, mode, l, sub_block))
             .collect::<Result<_, _>>()?;
         Ok(Self {
             config,
@@ -285,10 +315,11 @@ impl LlamaPlan {
         s: &LlamaConfig,
         mode: PermMode,
         l: usize,
+        sub_block: usize,
     ) -> Result<LayerTransforms, CoreError> {
         let hd = s.head_dim;
         let group = s.group();
-        let ffn = block_structured(key, &format!("ffn/{l}"), s.d_ff, mode)?;
+        let ffn = block_structured(key, &format!("ffn/{l}"), s.d_ff, mode, sub_block)?;
 
         // Head movement: kv heads, and query heads inside each group.
         let mut heads_rng = key.stream(&format!("heads/{l}"));
@@ -310,7 +341,7 @@ impl LlamaPlan {
 
         // Within-head dims of V (and O's columns), one map per kv head.
         let v_dims: Vec<Permutation> = (0..s.n_kv_head)
-            .map(|g| block_structured(key, &format!("vo/{l}/{g}"), hd, mode))
+            .map(|g| block_structured(key, &format!("vo/{l}/{g}"), hd, mode, sub_block))
             .collect::<Result<_, _>>()?;
 
         // RoPE pair signs per kv head.
@@ -330,8 +361,12 @@ impl LlamaPlan {
         let o_inner: Vec<Permutation> = (0..s.n_head).map(|h| v_dims[h / group].clone()).collect();
         let o_cols = Permutation::blocked(&q_head_perm, &o_inner);
 
-        let expand =
-            |g: usize| -> Vec<bool> { (0..hd).map(|j| pair_signs[g][j / 2]).collect::<Vec<_>>() };
+        let layout = s.rope_layout;
+        let expand = |g: usize| -> Vec<bool> {
+            (0..hd)
+                .map(|j| pair_signs[g][layout.pair_of(j, hd)])
+                .collect::<Vec<_>>()
+        };
         let q_negate = (0..s.n_head).flat_map(|h| expand(h / group)).collect();
         let k_negate = (0..s.n_kv_head).flat_map(expand).collect();
         Ok(LayerTransforms {
@@ -372,7 +407,13 @@ impl LlamaPlan {
                 ..Default::default()
             },
             R::RopeFreqs => TensorTransform::default(),
-            R::AttnNorm(l) | R::FfnNorm(l) => {
+            // Q/K head dims are never moved, only whole RoPE pairs sign-flipped, and a per-head
+            // RMSNorm commutes with sign flips (rule 4): the shared gains stay as they are.
+            R::AttnQNorm(l) | R::AttnKNorm(l) => {
+                layer(l)?;
+                TensorTransform::default()
+            }
+            R::AttnNorm(l) | R::FfnNorm(l) | R::PostAttnNorm(l) | R::PostFfnNorm(l) => {
                 layer(l)?;
                 TensorTransform {
                     cols: res(),
@@ -415,11 +456,7 @@ impl LlamaPlan {
                 cols: Some(layer(l)?.ffn.clone()),
                 negate_rows: None,
             },
-            R::AttnQBias(_)
-            | R::AttnKBias(_)
-            | R::AttnVBias(_)
-            | R::AttnQNorm(_)
-            | R::AttnKNorm(_) => return Err(unsupported()),
+            R::AttnQBias(_) | R::AttnKBias(_) | R::AttnVBias(_) => return Err(unsupported()),
         };
         Ok(t)
     }
@@ -441,6 +478,7 @@ mod tests {
             context_length: 256,
             rope_base: 10000.0,
             rms_eps: 1e-5,
+            rope_layout: crate::config::RopeLayout::Interleaved,
         }
     }
 
@@ -481,6 +519,29 @@ mod tests {
             PermMode::parse(PermMode::Stock.as_str()).unwrap(),
             PermMode::Stock
         );
+    }
+
+    #[test]
+    fn half_split_rope_flips_pairs_i_and_i_plus_half_and_exact_mode_follows_sub_blocks() {
+        let mut s = shape();
+        s.rope_layout = crate::config::RopeLayout::HalfSplit;
+        s.d_model = 96; // query width 128 differs from d_model, as in Gemma 3
+        let p = LlamaPlan::derive_for_sub_block(&key(4), s.clone(), PermMode::Exact, 16).unwrap();
+        let hd = s.head_dim;
+        for l in &p.layers {
+            for j in 0..hd / 2 {
+                assert_eq!(l.q_negate[j], l.q_negate[j + hd / 2]);
+                assert_eq!(l.k_negate[j], l.k_negate[j + hd / 2]);
+            }
+            assert!(l.ffn.is_within_groups(16) && !l.ffn.is_within_groups(8));
+            assert!(l.o_cols.is_within_groups(16));
+        }
+        assert!(p.residual.0.is_within_groups(16));
+        // Sub-block 32 draws exactly what `derive` draws (golden vectors of existing files).
+        let a = LlamaPlan::derive_for_sub_block(&key(4), shape(), PermMode::Exact, 32).unwrap();
+        let b = LlamaPlan::derive(&key(4), shape(), PermMode::Exact).unwrap();
+        assert_eq!(a.residual.0, b.residual.0);
+        assert!(LlamaPlan::derive_for_sub_block(&key(4), shape(), PermMode::Exact, 8).is_err());
     }
 
     #[test]
@@ -551,7 +612,11 @@ mod tests {
             other => panic!("{r:?}: {other:?}"),
         };
         assert_eq!(named(TensorRole::AttnKBias(1)), "blk.1.attn_k.bias");
-        assert_eq!(named(TensorRole::AttnQNorm(0)), "blk.0.attn_q_norm.weight");
+        assert_eq!(named(TensorRole::AttnQNorm(9)), "blk.9.attn_q_norm.weight");
+        assert!(p
+            .transform_for_role(TensorRole::AttnQNorm(0))
+            .unwrap()
+            .is_identity());
         assert_eq!(named(TensorRole::FfnUp(2)), "blk.2.ffn_up.weight");
         // The name-based entry is the family's name → role map in front of the role-based one.
         let by_name = p.transform_for("blk.1.attn_q.weight").unwrap();

@@ -5,10 +5,10 @@
 //! ([`equicrypt_model::GgufMeta`]); this module only adapts its errors to [`EngineError`].
 
 use candle_core::quantized::gguf_file::Content;
-use equicrypt_core::{ArchFamily, LlamaFamily};
+use equicrypt_core::{ArchFamily, KnownFamily, LlamaFamily};
 use equicrypt_model::GgufMeta;
 
-pub use equicrypt_core::LlamaConfig;
+pub use equicrypt_core::{Gemma3Config, LlamaConfig, ModelConfig};
 
 use crate::error::Result;
 
@@ -18,4 +18,9 @@ use crate::error::Result;
 /// sizes, partial RoPE.
 pub fn read_llama_config(content: &Content) -> Result<LlamaConfig> {
     Ok(LlamaFamily.read_config(&GgufMeta(content))?)
+}
+
+/// Reads the configuration of any supported family (dispatched on `general.architecture`).
+pub fn read_model_config(content: &Content) -> Result<ModelConfig> {
+    Ok(KnownFamily::read(&GgufMeta(content))?.1)
 }

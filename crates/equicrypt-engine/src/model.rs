@@ -1,4 +1,12 @@
-//! LLaMA forward pass over candle quantized matmuls with order-independent reductions.
+//! Decoder forward pass (LLaMA and Gemma 3 GGUF layouts) over candle quantized matmuls with
+//! order-independent reductions.
+//!
+//! Gemma 3 adds, on the same skeleton: the embedding scaled by `sqrt(d_model)`, per-head RMSNorm
+//! of Q and K before RoPE (NeoX pairs `(i, i + d/2)`), RMSNorms after attention and after the FFN,
+//! GeGLU (tanh GELU), a query scale of `1/sqrt(head_dim)`, and sliding-window attention (RoPE base
+//! 10000) on five of every six layers. All of these are elementwise, per head (over axes only
+//! sign-flipped in RoPE pairs) or order-independent RMSNorms, so the exactness argument below holds
+//! unchanged.
 //!
 //! Matmuls run in [`crate::qmatmul`] (own kernels for Q8_0/Q4_0, candle's for the rest). Everything else (embedding lookup, RMSNorm, RoPE,
 //! attention, SwiGLU, residual adds) is plain `f32` Rust whose reductions either run over axes that
@@ -18,15 +26,22 @@ use candle_core::quantized::gguf_file::Content;
 use candle_core::quantized::QTensor;
 use candle_core::Device;
 
-use crate::config::LlamaConfig;
+use crate::config::{LlamaConfig, ModelConfig};
 use crate::engine::Engine;
 use crate::error::{EngineError, Result};
 use crate::norm::rms_norm_rows;
 use crate::qmatmul::Linear;
+use equicrypt_core::RopeLayout;
 
 /// One transformer block's weights.
 struct Block {
     attn_norm: Vec<f32>,
+    /// Per-head RMSNorm gains of Q and K (Gemma 3).
+    q_norm: Option<Vec<f32>>,
+    k_norm: Option<Vec<f32>>,
+    /// RMSNorm gains applied to the attention and FFN outputs before the residual adds (Gemma 3).
+    post_attn_norm: Option<Vec<f32>>,
+    post_ffn_norm: Option<Vec<f32>>,
     wq: Linear,
     wk: Linear,
     wv: Linear,
@@ -44,12 +59,14 @@ struct KvCache {
     v: Vec<f32>,
 }
 
-/// A LLaMA model (llama.cpp GGUF layout) with its KV cache.
+/// A decoder model (llama.cpp GGUF layout: `llama` or `gemma3`) with its KV cache.
 ///
 /// Invariants: `cache[l].k.len() == cache[l].v.len() == position * kv_dim` for every block;
 /// `position <= config.context_length`.
 pub struct LlamaModel {
     cfg: LlamaConfig,
+    /// The family's full configuration (`cfg` is its shape).
+    family: ModelConfig,
     /// Dequantized `token_embd.weight`, row-major `[vocab, d_model]`.
     embedding: Vec<f32>,
     blocks: Vec<Block>,
@@ -134,15 +151,50 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7])) + tail
 }
 
-/// Rotates adjacent pairs `(2i, 2i+1)` of one head (llama.cpp "normal" RoPE layout).
+/// Rotates the RoPE pairs of one head: adjacent `(2i, 2i+1)` (llama.cpp "normal") or NeoX
+/// `(i, i + d/2)`.
 ///
 /// Elementwise per pair, so negating a whole pair negates the output pair exactly.
-fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32]) {
-    for (pair, (&c, &s)) in v.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
-        let (x0, x1) = (pair[0], pair[1]);
-        pair[0] = x0 * c - x1 * s;
-        pair[1] = x0 * s + x1 * c;
+fn rope_head(v: &mut [f32], cos: &[f32], sin: &[f32], layout: RopeLayout) {
+    let rot = |x0: f32, x1: f32, c: f32, s: f32| (x0 * c - x1 * s, x0 * s + x1 * c);
+    match layout {
+        RopeLayout::HalfSplit => {
+            let half = v.len() / 2;
+            let (a, b) = v.split_at_mut(half);
+            for i in 0..half {
+                (a[i], b[i]) = rot(a[i], b[i], cos[i], sin[i]);
+            }
+        }
+        _ => {
+            for (pair, (&c, &s)) in v.chunks_exact_mut(2).zip(cos.iter().zip(sin)) {
+                (pair[0], pair[1]) = rot(pair[0], pair[1], c, s);
+            }
+        }
     }
+}
+
+/// GELU, tanh approximation (Gemma's `gelu_pytorch_tanh`, llama.cpp `ggml_gelu`).
+fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x)).tanh())
+}
+
+/// RoPE tables (`cos`, `sin`, `[t_len, head_dim/2]`) for positions `p0..p0 + t_len`: angle =
+/// `pos / scale * base^(-2i/hd)`, computed in f64.
+fn rope_tables(p0: usize, t_len: usize, hd: usize, base: f32, scale: f32) -> (Vec<f32>, Vec<f32>) {
+    let half = hd / 2;
+    let mut cos = vec![0f32; t_len * half];
+    let mut sin = vec![0f32; t_len * half];
+    for t in 0..t_len {
+        let pos = (p0 + t) as f64 / scale as f64;
+        for i in 0..half {
+            let inv = (base as f64).powf(-2.0 * i as f64 / hd as f64);
+            let (s, c) = (pos * inv).sin_cos();
+            cos[t * half + i] = c as f32;
+            sin[t * half + i] = s as f32;
+        }
+    }
+    (cos, sin)
 }
 
 impl LlamaModel {
@@ -162,8 +214,11 @@ impl LlamaModel {
 
     /// Loads the weights described by `content` from `reader` (the stream `content` was read from).
     pub fn from_content<R: Read + Seek>(content: &Content, reader: &mut R) -> Result<Self> {
-        let cfg = crate::config::read_llama_config(content)?;
+        let family = crate::config::read_model_config(content)?;
+        let cfg = family.base().clone();
+        let gemma = matches!(family, ModelConfig::Gemma3(_));
         let (d, ff, kv, v) = (cfg.d_model, cfg.d_ff, cfg.kv_dim(), cfg.vocab_size);
+        let (qd, hd) = (cfg.q_dim(), cfg.head_dim);
         let embd = Arc::new(read_tensor(content, reader, "token_embd.weight", &[v, d])?);
         let embedding = embd
             .dequantize(&Device::Cpu)?
@@ -172,12 +227,25 @@ impl LlamaModel {
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
+            let mut gemma_vec = |s: &str, len: usize| -> Result<Option<Vec<f32>>> {
+                gemma
+                    .then(|| read_vec(content, reader, &n(s), len))
+                    .transpose()
+            };
+            let q_norm = gemma_vec("attn_q_norm", hd)?;
+            let k_norm = gemma_vec("attn_k_norm", hd)?;
+            let post_attn_norm = gemma_vec("post_attention_norm", d)?;
+            let post_ffn_norm = gemma_vec("post_ffw_norm", d)?;
             blocks.push(Block {
                 attn_norm: read_vec(content, reader, &n("attn_norm"), d)?,
-                wq: read_matmul(content, reader, &n("attn_q"), &[d, d])?,
+                q_norm,
+                k_norm,
+                post_attn_norm,
+                post_ffn_norm,
+                wq: read_matmul(content, reader, &n("attn_q"), &[qd, d])?,
                 wk: read_matmul(content, reader, &n("attn_k"), &[kv, d])?,
                 wv: read_matmul(content, reader, &n("attn_v"), &[kv, d])?,
-                wo: read_matmul(content, reader, &n("attn_output"), &[d, d])?,
+                wo: read_matmul(content, reader, &n("attn_output"), &[d, qd])?,
                 ffn_norm: read_vec(content, reader, &n("ffn_norm"), d)?,
                 w_gate: read_matmul(content, reader, &n("ffn_gate"), &[ff, d])?,
                 w_up: read_matmul(content, reader, &n("ffn_up"), &[ff, d])?,
@@ -194,6 +262,7 @@ impl LlamaModel {
         let cache = vec![KvCache::default(); cfg.n_layer];
         Ok(Self {
             cfg,
+            family,
             embedding,
             blocks,
             output_norm,
@@ -204,9 +273,14 @@ impl LlamaModel {
         })
     }
 
-    /// The model's hyper-parameters.
+    /// The model's shape (for every family).
     pub fn config(&self) -> &LlamaConfig {
         &self.cfg
+    }
+
+    /// The family's full configuration.
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.family
     }
 
     /// Whether the output head shares `token_embd.weight` (no `output.weight` tensor in the file).
@@ -225,6 +299,7 @@ impl LlamaModel {
             )));
         }
         self.cfg.context_length = n;
+        self.family.base_mut().context_length = n;
         Ok(())
     }
 
@@ -272,45 +347,60 @@ impl LlamaModel {
     fn run_inner(&mut self, tokens: &[u32], all: bool) -> Result<Vec<f32>> {
         let cfg = &self.cfg;
         let (t_len, d, hd, kvd) = (tokens.len(), cfg.d_model, cfg.head_dim, cfg.kv_dim());
+        let qd = cfg.q_dim();
         let (n_head, group) = (cfg.n_head, cfg.n_head / cfg.n_kv_head);
         let p0 = self.position;
         let eps = cfg.rms_eps;
+        let layout = cfg.rope_layout;
+        let gemma = match &self.family {
+            ModelConfig::Gemma3(g) => Some(g),
+            _ => None,
+        };
 
-        // RoPE tables for the new positions: angle = pos * base^(-2i/hd), computed in f64.
+        // RoPE tables for the new positions (Gemma 3: one for local, one for global layers).
         let half = hd / 2;
-        let mut cos = vec![0f32; t_len * half];
-        let mut sin = vec![0f32; t_len * half];
-        for t in 0..t_len {
-            let pos = (p0 + t) as f64;
-            for i in 0..half {
-                let inv = (cfg.rope_base as f64).powf(-2.0 * i as f64 / hd as f64);
-                let (s, c) = (pos * inv).sin_cos();
-                cos[t * half + i] = c as f32;
-                sin[t * half + i] = s as f32;
-            }
-        }
+        let (cos, sin) = match gemma {
+            Some(g) => rope_tables(p0, t_len, hd, cfg.rope_base, g.rope_scale_global),
+            None => rope_tables(p0, t_len, hd, cfg.rope_base, 1.0),
+        };
+        let local_tables = gemma.map(|g| rope_tables(p0, t_len, hd, g.rope_base_local, 1.0));
 
         let mut h = Vec::with_capacity(t_len * d);
         for &tok in tokens {
             let r = tok as usize * d;
             h.extend_from_slice(&self.embedding[r..r + d]);
         }
+        if gemma.is_some() {
+            let scale = (d as f32).sqrt();
+            h.iter_mut().for_each(|x| *x *= scale);
+        }
 
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = gemma.map_or(1.0 / (hd as f32).sqrt(), |g| g.query_scale);
         let mut scores = vec![0f32; p0 + t_len];
-        let mut attn = vec![0f32; t_len * d];
-        for (block, cache) in self.blocks.iter().zip(self.cache.iter_mut()) {
+        let mut attn = vec![0f32; t_len * qd];
+        for (l, (block, cache)) in self.blocks.iter().zip(self.cache.iter_mut()).enumerate() {
+            let window = gemma.and_then(|g| g.is_local(l).then_some(g.sliding_window));
+            let (cos, sin) = match (&local_tables, window) {
+                (Some((c, s)), Some(_)) => (c, s),
+                _ => (&cos, &sin),
+            };
             let x = rms_norm_rows(&h, &block.attn_norm, eps);
             let mut q = linear(&block.wq, &x, t_len, d)?;
             let mut k = linear(&block.wk, &x, t_len, d)?;
             let v = linear(&block.wv, &x, t_len, d)?;
+            if let Some(g) = &block.q_norm {
+                q = rms_norm_rows(&q, g, eps);
+            }
+            if let Some(g) = &block.k_norm {
+                k = rms_norm_rows(&k, g, eps);
+            }
             for t in 0..t_len {
                 let (c, s) = (&cos[t * half..][..half], &sin[t * half..][..half]);
-                for head in q[t * d..][..d].chunks_exact_mut(hd) {
-                    rope_head(head, c, s);
+                for head in q[t * qd..][..qd].chunks_exact_mut(hd) {
+                    rope_head(head, c, s, layout);
                 }
                 for head in k[t * kvd..][..kvd].chunks_exact_mut(hd) {
-                    rope_head(head, c, s);
+                    rope_head(head, c, s, layout);
                 }
             }
             cache.k.extend_from_slice(&k);
@@ -320,12 +410,15 @@ impl LlamaModel {
             attn.fill(0.0);
             for t in 0..t_len {
                 let n_ctx = p0 + t + 1; // causal: positions 0..=p0+t
+                                        // Sliding window: position p sees p - window < s <= p.
+                let first = window.map_or(0, |w| n_ctx.saturating_sub(w));
                 for hh in 0..n_head {
                     let g = hh / group;
-                    let qv = &q[t * d + hh * hd..][..hd];
-                    let sc = &mut scores[..n_ctx];
+                    let qv = &q[t * qd + hh * hd..][..hd];
+                    let sc = &mut scores[first..n_ctx];
                     let mut max = f32::NEG_INFINITY;
-                    for (s, out) in sc.iter_mut().enumerate() {
+                    for (i, out) in sc.iter_mut().enumerate() {
+                        let s = first + i;
                         *out = dot(qv, &kc[s * kvd + g * hd..][..hd]) * scale;
                         max = max.max(*out);
                     }
@@ -335,8 +428,9 @@ impl LlamaModel {
                         sum += *out;
                     }
                     let inv = 1.0 / sum;
-                    let o = &mut attn[t * d + hh * hd..][..hd];
-                    for (s, &w) in sc.iter().enumerate() {
+                    let o = &mut attn[t * qd + hh * hd..][..hd];
+                    for (i, &w) in sc.iter().enumerate() {
+                        let s = first + i;
                         let w = w * inv;
                         let vs = &vc[s * kvd + g * hd..][..hd];
                         for (oi, &vi) in o.iter_mut().zip(vs) {
@@ -345,7 +439,10 @@ impl LlamaModel {
                     }
                 }
             }
-            let o = linear(&block.wo, &attn, t_len, d)?;
+            let mut o = linear(&block.wo, &attn, t_len, qd)?;
+            if let Some(g) = &block.post_attn_norm {
+                o = rms_norm_rows(&o, g, eps);
+            }
             for (hi, oi) in h.iter_mut().zip(&o) {
                 *hi += oi;
             }
@@ -353,10 +450,19 @@ impl LlamaModel {
             let x = rms_norm_rows(&h, &block.ffn_norm, eps);
             let gate = linear(&block.w_gate, &x, t_len, d)?;
             let mut up = linear(&block.w_up, &x, t_len, d)?;
-            for (u, &g) in up.iter_mut().zip(&gate) {
-                *u *= g / (1.0 + (-g).exp());
+            if gemma.is_some() {
+                for (u, &g) in up.iter_mut().zip(&gate) {
+                    *u *= gelu_tanh(g);
+                }
+            } else {
+                for (u, &g) in up.iter_mut().zip(&gate) {
+                    *u *= g / (1.0 + (-g).exp());
+                }
             }
-            let down = linear(&block.w_down, &up, t_len, cfg.d_ff)?;
+            let mut down = linear(&block.w_down, &up, t_len, cfg.d_ff)?;
+            if let Some(g) = &block.post_ffn_norm {
+                down = rms_norm_rows(&down, g, eps);
+            }
             for (hi, di) in h.iter_mut().zip(&down) {
                 *hi += di;
             }

@@ -1,5 +1,5 @@
-//! The encrypt pipeline for LLaMA-family GGUF models, and what an encrypted file declares about
-//! itself.
+//! The encrypt pipeline for decoder GGUF models (every [`KnownFamily`]: `llama`, `gemma3`), and
+//! what an encrypted file declares about itself.
 //!
 //! The output is an ordinary GGUF that stock llama.cpp loads: the tokenizer is replaced by opaque
 //! placeholders indexed by ciphertext id (`tokenizer.ggml.model = "llama"`, zero scores, all
@@ -31,8 +31,8 @@ use std::time::Instant;
 
 use candle_core::quantized::gguf_file::Value;
 use equicrypt_core::{
-    ArchFamily, CoreError, KeyFingerprint, LlamaConfig, LlamaFamily, LlamaPlan, PermMode,
-    SecretKey, TensorTransform,
+    ArchFamily, CoreError, KeyFingerprint, KnownFamily, LlamaConfig, LlamaPlan, ModelConfig,
+    PermMode, SecretKey, TensorTransform,
 };
 
 use crate::gguf::{GgufFile, GgufWriter};
@@ -82,15 +82,33 @@ pub struct EncryptReport {
     pub fingerprint: KeyFingerprint,
 }
 
-/// Reads the LLaMA configuration of a GGUF file with the family's one config reader
-/// ([`LlamaFamily::read_config`] over [`crate::GgufMeta`]).
-pub fn llama_config(f: &GgufFile) -> Result<LlamaConfig, ModelError> {
-    Ok(LlamaFamily.read_config(f)?)
+/// Reads the configuration of a GGUF file with its family's one config reader
+/// ([`KnownFamily::read`] over [`crate::GgufMeta`]): errors name an unsupported architecture.
+pub fn model_config(f: &GgufFile) -> Result<ModelConfig, ModelError> {
+    Ok(KnownFamily::read(f)?.1)
 }
 
-/// The configuration the transform plan needs (same as [`llama_config`]; kept for callers).
+/// The decoder shape the transform plan needs, for any supported family.
 pub fn llama_shape(f: &GgufFile) -> Result<LlamaConfig, ModelError> {
-    llama_config(f)
+    Ok(model_config(f)?.base().clone())
+}
+
+/// The finest quantization sub-block among the tensors of `src` (32 when none is finer), the
+/// group an [`PermMode::Exact`] plan must stay inside.
+pub fn finest_sub_block(src: &dyn TensorSource) -> Result<usize, ModelError> {
+    let mut finest = equicrypt_core::QUANT_BLOCK;
+    for t in src.tensor_infos() {
+        let f = crate::quant::BlockFormat::of(t.dtype).map_err(|e| match e {
+            ModelError::UnsupportedTensorType(ty) => {
+                ModelError::UnsupportedTensorType(format!("{ty} (tensor '{}')", t.name))
+            }
+            other => other,
+        })?;
+        if f.block_elems() > 1 {
+            finest = finest.min(f.sub_block());
+        }
+    }
+    Ok(finest)
 }
 
 /// What an encrypted model file declares about itself.
@@ -135,9 +153,11 @@ pub fn is_encrypted(f: &GgufFile) -> bool {
     f.meta(META_FINGERPRINT).is_some()
 }
 
-/// Metadata keys copied unchanged from the plaintext model.
-fn keep_key(k: &str) -> bool {
-    k.starts_with("llama.")
+/// Metadata keys copied unchanged from the plaintext model: the architecture's hyper-parameters
+/// (`<arch>.*`) and format keys.
+fn keep_key(k: &str, arch: &str) -> bool {
+    k.strip_prefix(arch)
+        .is_some_and(|rest| rest.starts_with('.'))
         || matches!(
             k,
             "general.architecture"
@@ -153,18 +173,19 @@ fn encrypted_metadata(
     plan: &LlamaPlan,
     key: &SecretKey,
     hide_special_ids: bool,
+    arch: &str,
 ) -> Result<Vec<(String, Value)>, ModelError> {
     let mut kept: Vec<(String, Value)> = plain
         .content
         .metadata
         .iter()
-        .filter(|(k, _)| keep_key(k))
+        .filter(|(k, _)| keep_key(k, arch))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     kept.sort_by(|a, b| a.0.cmp(&b.0));
     let mut meta = vec![(
         "general.architecture".to_string(),
-        Value::String("llama".into()),
+        Value::String(arch.into()),
     )];
     meta.extend(
         kept.into_iter()
@@ -246,12 +267,12 @@ pub fn encrypt_gguf(
     if is_encrypted(&plain) {
         return Err(ModelError::AlreadyEncrypted(input.display().to_string()));
     }
-    let family = LlamaFamily;
-    let config = family.read_config(plain.metadata())?;
-    let plan = LlamaPlan::derive(key, config, opts.mode)?;
+    let (family, config) = KnownFamily::read(plain.metadata())?;
+    let sub_block = finest_sub_block(&plain)?;
+    let plan = LlamaPlan::derive_for_sub_block(key, config.base().clone(), opts.mode, sub_block)?;
     let jobs = plan_jobs(&family, &plan, &plain)?;
     let headers = jobs.iter().map(|(t, _)| t.clone()).collect();
-    let meta = encrypted_metadata(&plain, &plan, key, opts.hide_special_ids)?;
+    let meta = encrypted_metadata(&plain, &plan, key, opts.hide_special_ids, family.arch())?;
     let writer: GgufSink = GgufWriter::create(output, &meta, headers)?;
 
     let total: u64 = jobs.iter().map(|(t, _)| t.size).sum();
@@ -291,11 +312,13 @@ pub fn plan_jobs<F: ArchFamily>(
             .role_of(&t.name)
             .ok_or_else(|| CoreError::UnsupportedTensor(t.name.clone()))?;
         let tr = plan.transform_for_role(role)?;
-        crate::quant::BlockFormat::of(t.dtype).map_err(|e| match e {
+        let cols = *t.dims.last().unwrap_or(&1);
+        let rows = t.dims.iter().rev().skip(1).product::<usize>();
+        crate::quant::check_transform(t.dtype, rows, cols, &tr).map_err(|e| match e {
             ModelError::UnsupportedTensorType(ty) => {
                 ModelError::UnsupportedTensorType(format!("{ty} (tensor '{}')", t.name))
             }
-            other => other,
+            other => other.in_tensor(&t.name),
         })?;
         jobs.push((t, tr));
     }

@@ -17,8 +17,8 @@ pub mod source;
 pub mod synthetic;
 
 pub use encrypt::{
-    encrypt_gguf, is_encrypted, llama_config, llama_shape, placeholder_token, EncryptOptions,
-    EncryptReport, EncryptedModelInfo,
+    encrypt_gguf, finest_sub_block, is_encrypted, llama_shape, model_config, placeholder_token,
+    EncryptOptions, EncryptReport, EncryptedModelInfo,
 };
 pub use gguf::{GgufFile, GgufMeta, GgufWriter, TensorEntry, TensorHeader};
 pub use rekey::{rekey_gguf, session_tables, BaseVocabTables, RekeyReport, SessionTables};
@@ -54,7 +54,7 @@ pub enum ModelError {
     #[error("model metadata: {0}")]
     Metadata(String),
     /// The model's architecture has no transform plan.
-    #[error("unsupported architecture '{0}' (supported: llama — SmolLM2, TinyLlama, Llama 2/3, Mistral)")]
+    #[error("unsupported architecture '{0}' (supported: llama — SmolLM2, TinyLlama, Llama 2/3, Mistral — and gemma3)")]
     UnsupportedArchitecture(String),
     /// A tensor type that cannot be transformed losslessly.
     #[error(
@@ -135,6 +135,9 @@ impl ModelError {
         match self {
             ModelError::ShapeMismatch(m) => ModelError::ShapeMismatch(format!("{name}: {m}")),
             ModelError::Corrupt(m) => ModelError::Corrupt(format!("{name}: {m}")),
+            ModelError::NotBlockAligned(m) => {
+                ModelError::NotBlockAligned(format!("{m} (tensor '{name}')"))
+            }
             other => other,
         }
     }

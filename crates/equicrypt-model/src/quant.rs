@@ -345,6 +345,46 @@ impl BlockFormat {
     }
 }
 
+/// Checks, without touching data, that `t` can be applied losslessly to a `rows × cols` tensor
+/// of `dtype` (what [`transform_tensor`] would refuse, it refuses here first).
+pub fn check_transform(
+    dtype: GgmlDType,
+    rows: usize,
+    cols: usize,
+    t: &TensorTransform,
+) -> Result<(), ModelError> {
+    let fmt = BlockFormat::of(dtype)?;
+    if !cols.is_multiple_of(fmt.block_elems()) {
+        return Err(ModelError::Corrupt(format!(
+            "row of {cols} values is not a whole number of {dtype:?} blocks"
+        )));
+    }
+    if let Some(p) = &t.rows {
+        check_len("row permutation", p.len(), rows)?;
+    }
+    if let Some(p) = &t.cols {
+        check_len("column permutation", p.len(), cols)?;
+        if fmt.block_elems() > 1
+            && !(p.is_group_preserving(fmt.block_elems()) && p.is_group_preserving(fmt.sub_block()))
+        {
+            let hint = if fmt.is_k_quant() {
+                " (mode full moves 32-blocks across K-quant super-blocks; use stock or exact)"
+            } else {
+                ""
+            };
+            return Err(ModelError::NotBlockAligned(format!(
+                "{dtype:?} tensor must keep values inside their {}-value sub-blocks and {}-value blocks{hint}",
+                fmt.sub_block(),
+                fmt.block_elems()
+            )));
+        }
+    }
+    if let Some(n) = &t.negate_rows {
+        check_len("row negation mask", n.len(), rows)?;
+    }
+    Ok(())
+}
+
 /// Applies `t` to a 2-D tensor of `rows × cols` values (or a 1-D tensor with `rows == 1`) stored
 /// as raw GGUF bytes. Returns the transformed bytes; `data` is untouched.
 ///
@@ -356,12 +396,8 @@ pub fn transform_tensor(
     cols: usize,
     t: &TensorTransform,
 ) -> Result<Vec<u8>, ModelError> {
+    check_transform(dtype, rows, cols, t)?;
     let fmt = BlockFormat::of(dtype)?;
-    if !cols.is_multiple_of(fmt.block_elems()) {
-        return Err(ModelError::Corrupt(format!(
-            "row of {cols} values is not a whole number of {dtype:?} blocks"
-        )));
-    }
     let row_bytes = fmt.row_bytes(cols);
     if data.len() != rows * row_bytes {
         return Err(ModelError::Corrupt(format!(
@@ -370,25 +406,6 @@ pub fn transform_tensor(
             rows * row_bytes
         )));
     }
-    if let Some(p) = &t.rows {
-        check_len("row permutation", p.len(), rows)?;
-    }
-    if let Some(p) = &t.cols {
-        check_len("column permutation", p.len(), cols)?;
-        if fmt.block_elems() > 1
-            && !(p.is_group_preserving(fmt.block_elems()) && p.is_group_preserving(fmt.sub_block()))
-        {
-            return Err(ModelError::NotBlockAligned(format!(
-                "{dtype:?} tensor must keep values inside their {}-value sub-blocks and {}-value blocks",
-                fmt.sub_block(),
-                fmt.block_elems()
-            )));
-        }
-    }
-    if let Some(n) = &t.negate_rows {
-        check_len("row negation mask", n.len(), rows)?;
-    }
-
     let mut out = vec![0u8; data.len()];
     let mut scratch = vec![0u8; row_bytes];
     for r in 0..rows {

@@ -49,6 +49,7 @@ impl SyntheticShape {
             context_length: 256,
             rope_base: 10000.0,
             rms_eps: 1e-5,
+            rope_layout: equicrypt_core::RopeLayout::Interleaved,
         }
     }
 }

@@ -60,6 +60,25 @@ pub fn smollm2(test: &str) -> Option<PathBuf> {
     model_or_skip(test, path)
 }
 
+/// The Gemma 3 270M Q4_K_M GGUF relative to the workspace root.
+pub const GEMMA3_REL: &str = "models/gemma3/gemma-3-270m-q4_k_m.gguf";
+
+/// The plaintext Gemma 3 270M GGUF (`$EQUICRYPT_GEMMA3_GGUF`, else [`GEMMA3_REL`]), or `None`
+/// after printing SKIP when it is absent and `EQUICRYPT_REQUIRE_MODELS` is not `1`.
+pub fn gemma3(test: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("EQUICRYPT_GEMMA3_GGUF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join(GEMMA3_REL));
+    require_or_skip(
+        test,
+        path.is_file(),
+        &format!("model {}", path.display()),
+        "EQUICRYPT_REQUIRE_MODELS",
+        "run `equicrypt fetch-model gemma3`",
+    )
+    .map(|()| path)
+}
+
 /// Whether `python3 -c "import MODULE"` succeeds.
 pub fn python_has_module(module: &str) -> bool {
     Command::new("python3")

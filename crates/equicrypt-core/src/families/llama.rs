@@ -4,17 +4,16 @@
 use super::{ArchFamily, TensorRole};
 use crate::config::{
     meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_usize, ConfigError, LlamaConfig,
-    MetadataSource,
+    MetadataSource, RopeLayout,
 };
 
 /// The LLaMA family (GGUF names).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct LlamaFamily;
 
-/// Per-layer tensor suffixes (after `blk.N.`) and their roles.
-/// Builds a per-layer role from its layer index.
-type LayerRole = fn(usize) -> TensorRole;
+use super::LayerRole;
 
+/// Per-layer tensor suffixes (after `blk.N.`) and their roles.
 const LAYER_TENSORS: &[(&str, LayerRole)] = &[
     ("attn_norm.weight", TensorRole::AttnNorm),
     ("ffn_norm.weight", TensorRole::FfnNorm),
@@ -49,19 +48,7 @@ impl ArchFamily for LlamaFamily {
             "rope_freqs.weight" => return Some(TensorRole::RopeFreqs),
             _ => {}
         }
-        let (layer, tensor) = name.strip_prefix("blk.")?.split_once('.')?;
-        // Canonical decimal only, so that name_of(role_of(n)) == n.
-        if layer.is_empty() || (layer.len() > 1 && layer.starts_with('0')) {
-            return None;
-        }
-        if !layer.bytes().all(|b| b.is_ascii_digit()) {
-            return None;
-        }
-        let layer: usize = layer.parse().ok()?;
-        LAYER_TENSORS
-            .iter()
-            .find(|(suffix, _)| *suffix == tensor)
-            .map(|(_, role)| role(layer))
+        super::gguf_layer_role(name, LAYER_TENSORS)
     }
 
     fn name_of(&self, role: TensorRole) -> String {
@@ -70,15 +57,7 @@ impl ArchFamily for LlamaFamily {
             TensorRole::Output => "output.weight".into(),
             TensorRole::OutputNorm => "output_norm.weight".into(),
             TensorRole::RopeFreqs => "rope_freqs.weight".into(),
-            r => {
-                let l = r.layer().expect("every other role is per layer");
-                let suffix = LAYER_TENSORS
-                    .iter()
-                    .find(|(_, f)| f(l) == r)
-                    .map(|(s, _)| *s)
-                    .expect("every per-layer role has a name");
-                format!("blk.{l}.{suffix}")
-            }
+            r => super::gguf_layer_name(r, LAYER_TENSORS),
         }
     }
 
@@ -119,7 +98,13 @@ impl ArchFamily for LlamaFamily {
             context_length,
             rope_base,
             rms_eps,
+            rope_layout: RopeLayout::Interleaved,
         };
+        if cfg.q_dim() != d_model {
+            return Err(ConfigError::InvalidConfig(format!(
+                "n_head {n_head} does not divide d_model {d_model}"
+            )));
+        }
         cfg.validate()?;
         if let Some(rd) = opt_meta_usize(meta, "llama.rope.dimension_count")? {
             if rd != head_dim {
