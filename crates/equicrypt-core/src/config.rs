@@ -204,6 +204,9 @@ pub struct LlamaConfig {
     pub rms_eps: f32,
     /// Which head dimensions RoPE rotates together.
     pub rope_layout: RopeLayout,
+    /// Linear RoPE scaling: positions are divided by this (`*.rope.scaling.factor` with
+    /// `*.rope.scaling.type = linear`; 1 = none). Gemma 3 applies it to its global layers only.
+    pub rope_scale: f32,
 }
 
 /// Which head dimensions RoPE rotates as a pair (see `docs/ee-math.md`, "RoPE pairing by format").
@@ -241,10 +244,8 @@ pub struct Gemma3Config {
     pub sliding_window: usize,
     /// Every `swa_pattern`-th layer (1-based) is global, the others local (llama.cpp: 6).
     pub swa_pattern: usize,
-    /// RoPE base of the local layers (llama.cpp: 10000).
+    /// RoPE base of the local layers (llama.cpp: 10000; never scaled).
     pub rope_base_local: f32,
-    /// RoPE position scale of the global layers (`gemma3.rope.scaling.factor`, linear; 1 = none).
-    pub rope_scale_global: f32,
     /// Query scale applied before attention (`1/sqrt(head_dim)`, as llama.cpp for all but 27B).
     pub query_scale: f32,
 }
@@ -264,13 +265,15 @@ pub enum ModelConfig {
     Llama(LlamaConfig),
     /// GGUF `gemma3`.
     Gemma3(Gemma3Config),
+    /// GGUF `qwen2` (Qwen2, Qwen2.5): the LLaMA shape with Q/K/V biases and NeoX RoPE.
+    Qwen2(LlamaConfig),
 }
 
 impl ModelConfig {
     /// The decoder shape the transform plan is derived from.
     pub fn base(&self) -> &LlamaConfig {
         match self {
-            ModelConfig::Llama(c) => c,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c,
             ModelConfig::Gemma3(c) => &c.base,
         }
     }
@@ -278,7 +281,7 @@ impl ModelConfig {
     /// Mutable access to the shape (e.g. to bound the context length).
     pub fn base_mut(&mut self) -> &mut LlamaConfig {
         match self {
-            ModelConfig::Llama(c) => c,
+            ModelConfig::Llama(c) | ModelConfig::Qwen2(c) => c,
             ModelConfig::Gemma3(c) => &mut c.base,
         }
     }
@@ -288,6 +291,7 @@ impl ModelConfig {
         match self {
             ModelConfig::Llama(_) => "llama",
             ModelConfig::Gemma3(_) => "gemma3",
+            ModelConfig::Qwen2(_) => "qwen2",
         }
     }
 }
@@ -320,6 +324,12 @@ impl LlamaConfig {
         }
         if !(self.rms_eps.is_finite() && self.rms_eps >= 0.0) {
             return bad(format!("rms_eps {} must be finite and >= 0", self.rms_eps));
+        }
+        if !(self.rope_scale.is_finite() && self.rope_scale > 0.0) {
+            return bad(format!(
+                "RoPE scaling factor {} must be finite and > 0",
+                self.rope_scale
+            ));
         }
         if !(self.rope_base.is_finite() && self.rope_base > 0.0) {
             return bad(format!(
@@ -370,5 +380,19 @@ impl LlamaConfig {
     /// Width of the query projection (and the attention output's input), `n_head * head_dim`.
     pub fn q_dim(&self) -> usize {
         self.n_head * self.head_dim
+    }
+}
+
+/// Reads the linear RoPE scaling factor under `prefix` (`{prefix}.rope.scaling.type` and
+/// `.factor`): 1 when absent or `none`; other scaling types are refused.
+pub fn read_linear_rope_scale(src: &dyn MetadataSource, prefix: &str) -> Result<f32, ConfigError> {
+    let ty = format!("{prefix}.rope.scaling.type");
+    match opt_meta_str(src, &ty)?.as_deref() {
+        None | Some("none") => Ok(1.0),
+        Some("linear") => meta_f32(src, &format!("{prefix}.rope.scaling.factor")),
+        Some(other) => Err(invalid(
+            &ty,
+            format!("RoPE scaling '{other}' is not supported (only linear)"),
+        )),
     }
 }

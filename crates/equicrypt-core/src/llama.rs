@@ -207,12 +207,18 @@ pub struct TensorTransform {
     pub cols: Option<Permutation>,
     /// Rows to negate (indexed by original row), applied before moving.
     pub negate_rows: Option<Vec<bool>>,
+    /// Columns (elements of a 1-D tensor, e.g. a bias) to negate, indexed by original column,
+    /// applied before moving; lossless only for float storage.
+    pub negate_cols: Option<Vec<bool>>,
 }
 
 impl TensorTransform {
     /// Whether the tensor is left untouched.
     pub fn is_identity(&self) -> bool {
-        self.rows.is_none() && self.cols.is_none() && self.negate_rows.is_none()
+        self.rows.is_none()
+            && self.cols.is_none()
+            && self.negate_rows.is_none()
+            && self.negate_cols.is_none()
     }
 }
 
@@ -401,6 +407,7 @@ impl LlamaPlan {
                 rows: Some(self.vocab.0.clone()),
                 cols: res(),
                 negate_rows: None,
+                negate_cols: None,
             },
             R::OutputNorm => TensorTransform {
                 cols: res(),
@@ -426,6 +433,7 @@ impl LlamaPlan {
                     rows: Some(lt.q_rows.clone()),
                     cols: res(),
                     negate_rows: Some(lt.q_negate.clone()),
+                    negate_cols: None,
                 }
             }
             R::AttnK(l) => {
@@ -434,29 +442,55 @@ impl LlamaPlan {
                     rows: Some(lt.k_rows.clone()),
                     cols: res(),
                     negate_rows: Some(lt.k_negate.clone()),
+                    negate_cols: None,
                 }
             }
             R::AttnV(l) => TensorTransform {
                 rows: Some(layer(l)?.v_rows.clone()),
                 cols: res(),
                 negate_rows: None,
+                negate_cols: None,
             },
             R::AttnOutput(l) => TensorTransform {
                 rows: res(),
                 cols: Some(layer(l)?.o_cols.clone()),
                 negate_rows: None,
+                negate_cols: None,
             },
             R::FfnGate(l) | R::FfnUp(l) => TensorTransform {
                 rows: Some(layer(l)?.ffn.clone()),
                 cols: res(),
                 negate_rows: None,
+                negate_cols: None,
             },
             R::FfnDown(l) => TensorTransform {
                 rows: res(),
                 cols: Some(layer(l)?.ffn.clone()),
                 negate_rows: None,
+                negate_cols: None,
             },
-            R::AttnQBias(_) | R::AttnKBias(_) | R::AttnVBias(_) => return Err(unsupported()),
+            // A bias is the output axis of its projection, as a 1-D tensor: it moves (and flips
+            // sign) with the projection's rows (rule 1).
+            R::AttnQBias(l) => {
+                let lt = layer(l)?;
+                TensorTransform {
+                    cols: Some(lt.q_rows.clone()),
+                    negate_cols: Some(lt.q_negate.clone()),
+                    ..Default::default()
+                }
+            }
+            R::AttnKBias(l) => {
+                let lt = layer(l)?;
+                TensorTransform {
+                    cols: Some(lt.k_rows.clone()),
+                    negate_cols: Some(lt.k_negate.clone()),
+                    ..Default::default()
+                }
+            }
+            R::AttnVBias(l) => TensorTransform {
+                cols: Some(layer(l)?.v_rows.clone()),
+                ..Default::default()
+            },
         };
         Ok(t)
     }
@@ -479,6 +513,7 @@ mod tests {
             rope_base: 10000.0,
             rms_eps: 1e-5,
             rope_layout: crate::config::RopeLayout::Interleaved,
+            rope_scale: 1.0,
         }
     }
 
@@ -595,7 +630,7 @@ mod tests {
     #[test]
     fn unknown_tensors_and_bad_shapes_are_errors() {
         let p = LlamaPlan::derive(&key(6), shape(), PermMode::Exact).unwrap();
-        assert!(p.transform_for("blk.0.attn_q.bias").is_err());
+        assert!(p.transform_for("blk.9.attn_q.bias").is_err());
         assert!(p.transform_for("blk.9.attn_q.weight").is_err());
         assert!(p.transform_for("whatever").is_err());
         let mut s = shape();
@@ -611,7 +646,10 @@ mod tests {
             Err(CoreError::UnsupportedTensor(n)) => n,
             other => panic!("{r:?}: {other:?}"),
         };
-        assert_eq!(named(TensorRole::AttnKBias(1)), "blk.1.attn_k.bias");
+        assert_eq!(named(TensorRole::AttnKBias(2)), "blk.2.attn_k.bias");
+        let qb = p.transform_for_role(TensorRole::AttnQBias(1)).unwrap();
+        let q = p.transform_for_role(TensorRole::AttnQ(1)).unwrap();
+        assert_eq!((qb.cols, qb.negate_cols), (q.rows, q.negate_rows));
         assert_eq!(named(TensorRole::AttnQNorm(9)), "blk.9.attn_q_norm.weight");
         assert!(p
             .transform_for_role(TensorRole::AttnQNorm(0))

@@ -42,6 +42,10 @@ struct Block {
     /// RMSNorm gains applied to the attention and FFN outputs before the residual adds (Gemma 3).
     post_attn_norm: Option<Vec<f32>>,
     post_ffn_norm: Option<Vec<f32>>,
+    /// Q/K/V projection biases (Qwen2), added elementwise.
+    bq: Option<Vec<f32>>,
+    bk: Option<Vec<f32>>,
+    bv: Option<Vec<f32>>,
     wq: Linear,
     wk: Linear,
     wv: Linear,
@@ -67,6 +71,8 @@ pub struct LlamaModel {
     cfg: LlamaConfig,
     /// The family's full configuration (`cfg` is its shape).
     family: ModelConfig,
+    /// RoPE frequency divisors per pair (`rope_freqs.weight`), when the file has them.
+    rope_freqs: Option<Vec<f32>>,
     /// Dequantized `token_embd.weight`, row-major `[vocab, d_model]`.
     embedding: Vec<f32>,
     blocks: Vec<Block>,
@@ -180,15 +186,24 @@ fn gelu_tanh(x: f32) -> f32 {
 }
 
 /// RoPE tables (`cos`, `sin`, `[t_len, head_dim/2]`) for positions `p0..p0 + t_len`: angle =
-/// `pos / scale * base^(-2i/hd)`, computed in f64.
-fn rope_tables(p0: usize, t_len: usize, hd: usize, base: f32, scale: f32) -> (Vec<f32>, Vec<f32>) {
+/// `pos / scale * base^(-2i/hd) / factor_i` (`factors`: llama.cpp's `rope_freqs.weight`, Llama 3.1),
+/// computed in f64.
+fn rope_tables(
+    p0: usize,
+    t_len: usize,
+    hd: usize,
+    base: f32,
+    scale: f32,
+    factors: Option<&[f32]>,
+) -> (Vec<f32>, Vec<f32>) {
     let half = hd / 2;
     let mut cos = vec![0f32; t_len * half];
     let mut sin = vec![0f32; t_len * half];
     for t in 0..t_len {
         let pos = (p0 + t) as f64 / scale as f64;
         for i in 0..half {
-            let inv = (base as f64).powf(-2.0 * i as f64 / hd as f64);
+            let f = factors.map_or(1.0, |f| f[i] as f64);
+            let inv = (base as f64).powf(-2.0 * i as f64 / hd as f64) / f;
             let (s, c) = (pos * inv).sin_cos();
             cos[t * half + i] = c as f32;
             sin[t * half + i] = s as f32;
@@ -227,6 +242,17 @@ impl LlamaModel {
         let mut blocks = Vec::with_capacity(cfg.n_layer);
         for l in 0..cfg.n_layer {
             let n = |s: &str| format!("blk.{l}.{s}.weight");
+            let mut opt_vec = |name: String, len: usize| -> Result<Option<Vec<f32>>> {
+                content
+                    .tensor_infos
+                    .contains_key(&name)
+                    .then(|| read_vec(content, reader, &name, len))
+                    .transpose()
+            };
+            let bias = |s: &str| format!("blk.{l}.{s}.bias");
+            let bq = opt_vec(bias("attn_q"), qd)?;
+            let bk = opt_vec(bias("attn_k"), kv)?;
+            let bv = opt_vec(bias("attn_v"), kv)?;
             let mut gemma_vec = |s: &str, len: usize| -> Result<Option<Vec<f32>>> {
                 gemma
                     .then(|| read_vec(content, reader, &n(s), len))
@@ -242,6 +268,9 @@ impl LlamaModel {
                 k_norm,
                 post_attn_norm,
                 post_ffn_norm,
+                bq,
+                bk,
+                bv,
                 wq: read_matmul(content, reader, &n("attn_q"), &[qd, d])?,
                 wk: read_matmul(content, reader, &n("attn_k"), &[kv, d])?,
                 wv: read_matmul(content, reader, &n("attn_v"), &[kv, d])?,
@@ -253,6 +282,11 @@ impl LlamaModel {
             });
         }
         let output_norm = read_vec(content, reader, "output_norm.weight", d)?;
+        let rope_freqs = if content.tensor_infos.contains_key("rope_freqs.weight") {
+            Some(read_vec(content, reader, "rope_freqs.weight", hd / 2)?)
+        } else {
+            None
+        };
         let tied_head = !content.tensor_infos.contains_key("output.weight");
         let head = if tied_head {
             Linear::new(embd)?
@@ -263,6 +297,7 @@ impl LlamaModel {
         Ok(Self {
             cfg,
             family,
+            rope_freqs,
             embedding,
             blocks,
             output_norm,
@@ -359,11 +394,10 @@ impl LlamaModel {
 
         // RoPE tables for the new positions (Gemma 3: one for local, one for global layers).
         let half = hd / 2;
-        let (cos, sin) = match gemma {
-            Some(g) => rope_tables(p0, t_len, hd, cfg.rope_base, g.rope_scale_global),
-            None => rope_tables(p0, t_len, hd, cfg.rope_base, 1.0),
-        };
-        let local_tables = gemma.map(|g| rope_tables(p0, t_len, hd, g.rope_base_local, 1.0));
+        let factors = self.rope_freqs.as_deref();
+        let (cos, sin) = rope_tables(p0, t_len, hd, cfg.rope_base, cfg.rope_scale, factors);
+        let local_tables =
+            gemma.map(|g| rope_tables(p0, t_len, hd, g.rope_base_local, 1.0, factors));
 
         let mut h = Vec::with_capacity(t_len * d);
         for &tok in tokens {
@@ -387,7 +421,18 @@ impl LlamaModel {
             let x = rms_norm_rows(&h, &block.attn_norm, eps);
             let mut q = linear(&block.wq, &x, t_len, d)?;
             let mut k = linear(&block.wk, &x, t_len, d)?;
-            let v = linear(&block.wv, &x, t_len, d)?;
+            let mut v = linear(&block.wv, &x, t_len, d)?;
+            for (y, b) in [
+                (&mut q, &block.bq),
+                (&mut k, &block.bk),
+                (&mut v, &block.bv),
+            ] {
+                if let Some(b) = b {
+                    for row in y.chunks_exact_mut(b.len()) {
+                        row.iter_mut().zip(b).for_each(|(a, bi)| *a += bi);
+                    }
+                }
+            }
             if let Some(g) = &block.q_norm {
                 q = rms_norm_rows(&q, g, eps);
             }

@@ -13,7 +13,9 @@ const PROMPT: [u32; 15] = [
     236743, 236810, 236764,
 ];
 /// llama.cpp's greedy continuation (" 6, 7, 8"); its top-2 margins are 2.9 to 5.7 logits.
-const LLAMA_CPP_GREEDY: [u32; 8] = [236743, 236825, 236764, 236743, 236832, 236764, 236743, 236828];
+const LLAMA_CPP_GREEDY: [u32; 8] = [
+    236743, 236825, 236764, 236743, 236832, 236764, 236743, 236828,
+];
 
 #[test]
 fn gemma3_greedy_matches_llama_cpp_and_encryption_is_exact() {
@@ -24,14 +26,29 @@ fn gemma3_greedy_matches_llama_cpp_and_encryption_is_exact() {
     let mut plain = LlamaModel::load(&path).unwrap();
     let c = plain.config().clone();
     assert_eq!(
-        (c.n_layer, c.d_model, c.d_ff, c.n_head, c.n_kv_head, c.head_dim),
+        (
+            c.n_layer,
+            c.d_model,
+            c.d_ff,
+            c.n_head,
+            c.n_kv_head,
+            c.head_dim
+        ),
         (18, 640, 2048, 4, 1, 256)
     );
     assert_eq!(c.vocab_size, 262144);
     let margin = equicrypt_test_support::greedy_margin(&mut plain, &PROMPT, 8, &[]);
     equicrypt_test_support::assert_margin(&margin, "Gemma 3 counting completion");
     plain.reset();
-    let g = generate(&mut plain, &PROMPT, 8, &SamplingParams::greedy(), &[], |_| true).unwrap();
+    let g = generate(
+        &mut plain,
+        &PROMPT,
+        8,
+        &SamplingParams::greedy(),
+        &[],
+        |_| true,
+    )
+    .unwrap();
     assert_eq!(g.tokens, LLAMA_CPP_GREEDY, "our engine vs llama.cpp");
 
     // Plain vs encrypted: logits bit-identical at every position, in every lossless mode.

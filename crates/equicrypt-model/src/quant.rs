@@ -382,13 +382,22 @@ pub fn check_transform(
     if let Some(n) = &t.negate_rows {
         check_len("row negation mask", n.len(), rows)?;
     }
+    if let Some(n) = &t.negate_cols {
+        check_len("column negation mask", n.len(), cols)?;
+        if fmt.block_elems() > 1 && n.iter().any(|&b| b) {
+            return Err(ModelError::UnsupportedTensorType(format!(
+                "{dtype:?} with per-value sign flips (only float tensors, e.g. biases, can take them)"
+            )));
+        }
+    }
     Ok(())
 }
 
 /// Applies `t` to a 2-D tensor of `rows × cols` values (or a 1-D tensor with `rows == 1`) stored
 /// as raw GGUF bytes. Returns the transformed bytes; `data` is untouched.
 ///
-/// Order of operations: negate rows, permute columns inside every row, then move rows.
+/// Order of operations: negate rows (and columns, float only), permute columns inside every row,
+/// then move rows.
 pub fn transform_tensor(
     data: &[u8],
     dtype: GgmlDType,
@@ -414,6 +423,11 @@ pub fn transform_tensor(
         scratch.copy_from_slice(src);
         if t.negate_rows.as_ref().is_some_and(|n| n[r]) {
             negate_row(&mut scratch, fmt);
+        }
+        if let (Some(n), BlockFormat::Float { bytes }) = (&t.negate_cols, fmt) {
+            for (v, _) in scratch.chunks_exact_mut(bytes).zip(n).filter(|(_, &f)| f) {
+                v[bytes - 1] ^= 0x80;
+            }
         }
         let dst = &mut out[dst_row * row_bytes..(dst_row + 1) * row_bytes];
         match &t.cols {
@@ -598,6 +612,7 @@ mod tests {
             rows: Some(Permutation::random(rows, &mut rng)),
             cols: Some(cols_perm),
             negate_rows: Some(negate),
+            negate_cols: None,
         }
     }
 
@@ -661,6 +676,7 @@ mod tests {
                 rows: t.rows.as_ref().map(Permutation::inverse),
                 cols: t.cols.as_ref().map(Permutation::inverse),
                 negate_rows: None,
+                negate_cols: None,
             };
             let back = transform_tensor(&enc, dtype, rows, cols, &inv).unwrap();
             assert_eq!(back, bytes, "{dtype:?}");

@@ -1,5 +1,6 @@
-//! Tiny random LLaMA-family GGUF models, for property tests and benchmarks where the real model
-//! would be too slow or the answer must be known.
+//! Tiny random decoder GGUF models (LLaMA, Llama 3 / Mistral, Qwen2 and Gemma 3 layouts), for
+//! property tests and benchmarks where the real model would be too slow or the answer must be
+//! known.
 
 use std::path::Path;
 
@@ -50,6 +51,43 @@ impl SyntheticShape {
             rope_base: 10000.0,
             rms_eps: 1e-5,
             rope_layout: equicrypt_core::RopeLayout::Interleaved,
+            rope_scale: 1.0,
+        }
+    }
+}
+
+/// Which family's tensors and metadata a synthetic model has.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum SyntheticLayout {
+    /// GGUF `llama` (SmolLM2, Llama 2, Mistral): adjacent RoPE pairs.
+    #[default]
+    Llama,
+    /// GGUF `llama` as Llama 3.1 writes it: `rope_freqs.weight` factors, plus linear RoPE scaling
+    /// (factor 2) so both scaling paths run.
+    Llama3,
+    /// GGUF `qwen2`: Q/K/V biases, NeoX RoPE pairs.
+    Qwen2,
+    /// GGUF `gemma3`: Q/K norms, post-attention/FFN norms, GeGLU, embedding scale, NeoX RoPE,
+    /// sliding window of 4 positions on local layers.
+    Gemma3,
+}
+
+impl SyntheticLayout {
+    /// Every layout.
+    pub const ALL: [SyntheticLayout; 4] = [
+        SyntheticLayout::Llama,
+        SyntheticLayout::Llama3,
+        SyntheticLayout::Qwen2,
+        SyntheticLayout::Gemma3,
+    ];
+
+    /// The GGUF architecture name.
+    pub fn arch(self) -> &'static str {
+        match self {
+            SyntheticLayout::Llama | SyntheticLayout::Llama3 => "llama",
+            SyntheticLayout::Qwen2 => "qwen2",
+            SyntheticLayout::Gemma3 => "gemma3",
         }
     }
 }
@@ -59,6 +97,8 @@ impl SyntheticShape {
 pub struct SyntheticLlama {
     /// Hyper-parameters.
     pub shape: SyntheticShape,
+    /// Family layout.
+    pub layout: SyntheticLayout,
     /// Storage type of the attention and FFN matrices.
     pub matrix_dtype: GgmlDType,
     /// Storage type of the token embedding (and head).
@@ -81,11 +121,18 @@ impl SyntheticLlama {
                 n_kv_head: 1,
                 vocab: 96,
             },
+            layout: SyntheticLayout::Llama,
             matrix_dtype: GgmlDType::F32,
             embed_dtype: GgmlDType::F32,
             untied_head: false,
             seed,
         }
+    }
+
+    /// The same recipe in another family layout.
+    pub fn with_layout(mut self, layout: SyntheticLayout) -> Self {
+        self.layout = layout;
+        self
     }
 
     fn tensors(&self) -> Result<Vec<(String, QTensor)>, ModelError> {
@@ -104,6 +151,13 @@ impl SyntheticLlama {
             QTensor::quantize(&t, dtype)
         };
         let err = |e: candle_core::Error| ModelError::Internal(e.to_string());
+        let mut bias_rng = self.seed.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+        let mut next_bias = move || {
+            bias_rng ^= bias_rng << 13;
+            bias_rng ^= bias_rng >> 7;
+            bias_rng ^= bias_rng << 17;
+            (bias_rng >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+        };
         let w = 1.0 / (s.d_model as f32).sqrt();
         let mut out = vec![(
             "token_embd.weight".to_string(),
@@ -116,10 +170,42 @@ impl SyntheticLlama {
             let t = Tensor::from_vec(v, n, &Device::Cpu).map_err(err)?;
             QTensor::quantize(&t, GgmlDType::F32).map_err(err)
         };
+        let layout = self.layout;
+        let mut vector = |n: usize, scale: f32| -> Result<QTensor, ModelError> {
+            let v: Vec<f32> = (0..n).map(|_| next_bias() * scale).collect();
+            let t = Tensor::from_vec(v, n, &Device::Cpu).map_err(err)?;
+            QTensor::quantize(&t, GgmlDType::F32).map_err(err)
+        };
+        if layout == SyntheticLayout::Llama3 {
+            // Llama 3.1-style per-pair frequency divisors (1 for high, up to 8 for low frequencies).
+            let f: Vec<f32> = (0..hd / 2)
+                .map(|i| 1.0 + 7.0 * (i as f32 / hd as f32))
+                .collect();
+            let t = Tensor::from_vec(f, hd / 2, &Device::Cpu).map_err(err)?;
+            out.push((
+                "rope_freqs.weight".into(),
+                QTensor::quantize(&t, GgmlDType::F32).map_err(err)?,
+            ));
+        }
         for l in 0..s.n_layers {
             let m = self.matrix_dtype;
             let p = |n: &str| format!("blk.{l}.{n}.weight");
             out.push((p("attn_norm"), gain(s.d_model, 3 * l as u64)?));
+            if layout == SyntheticLayout::Qwen2 {
+                let b = |n: &str| format!("blk.{l}.{n}.bias");
+                out.push((b("attn_q"), vector(s.n_head * hd, 0.5)?));
+                out.push((b("attn_k"), vector(s.n_kv_head * hd, 0.5)?));
+                out.push((b("attn_v"), vector(s.n_kv_head * hd, 0.5)?));
+            }
+            if layout == SyntheticLayout::Gemma3 {
+                out.push((p("attn_q_norm"), gain(hd, 7 * l as u64 + 5)?));
+                out.push((p("attn_k_norm"), gain(hd, 7 * l as u64 + 6)?));
+                out.push((
+                    p("post_attention_norm"),
+                    gain(s.d_model, 11 * l as u64 + 2)?,
+                ));
+                out.push((p("post_ffw_norm"), gain(s.d_model, 13 * l as u64 + 4)?));
+            }
             out.push((
                 p("attn_q"),
                 mat(s.n_head * hd, s.d_model, w, m).map_err(err)?,
@@ -152,24 +238,55 @@ impl SyntheticLlama {
         Ok(out)
     }
 
+    /// The config this recipe's file is read back into (the family's shape).
+    pub fn config(&self) -> LlamaConfig {
+        let mut c = self.shape.config();
+        match self.layout {
+            SyntheticLayout::Llama => {}
+            SyntheticLayout::Llama3 => c.rope_scale = 2.0,
+            SyntheticLayout::Qwen2 | SyntheticLayout::Gemma3 => {
+                c.rope_layout = equicrypt_core::RopeLayout::HalfSplit;
+                if self.layout == SyntheticLayout::Gemma3 {
+                    c.rms_eps = 1e-6;
+                    c.rope_base = 1e6;
+                }
+            }
+        }
+        c
+    }
+
     fn metadata(&self) -> Vec<(String, Value)> {
         let s = &self.shape;
         let u = |v: usize| Value::U32(v as u32);
-        vec![
-            ("general.architecture".into(), Value::String("llama".into())),
+        let arch = self.layout.arch();
+        let k = |key: &str| format!("{arch}.{key}");
+        let c = self.config();
+        let mut meta = vec![
+            ("general.architecture".into(), Value::String(arch.into())),
             ("general.name".into(), Value::String("synthetic".into())),
-            ("llama.block_count".into(), u(s.n_layers)),
-            ("llama.context_length".into(), u(256)),
-            ("llama.embedding_length".into(), u(s.d_model)),
-            ("llama.feed_forward_length".into(), u(s.d_ff)),
-            ("llama.attention.head_count".into(), u(s.n_head)),
-            ("llama.attention.head_count_kv".into(), u(s.n_kv_head)),
-            ("llama.rope.freq_base".into(), Value::F32(10000.0)),
-            ("llama.rope.dimension_count".into(), u(s.head_dim())),
-            (
-                "llama.attention.layer_norm_rms_epsilon".into(),
-                Value::F32(1e-5),
-            ),
+            (k("block_count"), u(s.n_layers)),
+            (k("context_length"), u(256)),
+            (k("embedding_length"), u(s.d_model)),
+            (k("feed_forward_length"), u(s.d_ff)),
+            (k("attention.head_count"), u(s.n_head)),
+            (k("attention.head_count_kv"), u(s.n_kv_head)),
+            (k("rope.freq_base"), Value::F32(c.rope_base)),
+            (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_eps)),
+        ];
+        match self.layout {
+            SyntheticLayout::Gemma3 => {
+                meta.push((k("attention.key_length"), u(s.head_dim())));
+                meta.push((k("attention.value_length"), u(s.head_dim())));
+                meta.push((k("attention.sliding_window"), u(4)));
+            }
+            SyntheticLayout::Llama3 => {
+                meta.push((k("rope.dimension_count"), u(s.head_dim())));
+                meta.push((k("rope.scaling.type"), Value::String("linear".into())));
+                meta.push((k("rope.scaling.factor"), Value::F32(2.0)));
+            }
+            _ => meta.push((k("rope.dimension_count"), u(s.head_dim()))),
+        }
+        meta.extend([
             ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),
             (
                 "tokenizer.ggml.tokens".into(),
@@ -183,7 +300,8 @@ impl SyntheticLlama {
             ("tokenizer.ggml.pre".into(), Value::String("gpt2".into())),
             ("tokenizer.ggml.bos_token_id".into(), Value::U32(1)),
             ("tokenizer.ggml.eos_token_id".into(), Value::U32(2)),
-        ]
+        ]);
+        meta
     }
 
     /// Writes the model to `path`.

@@ -9,8 +9,8 @@
 
 use super::{ArchFamily, LayerRole, TensorRole};
 use crate::config::{
-    meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_str, opt_meta_usize, ConfigError,
-    Gemma3Config, LlamaConfig, MetadataSource, RopeLayout,
+    meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_usize, read_linear_rope_scale,
+    ConfigError, Gemma3Config, LlamaConfig, MetadataSource, RopeLayout,
 };
 
 /// The Gemma 3 family (GGUF names).
@@ -88,16 +88,7 @@ impl ArchFamily for Gemma3Family {
         let rope_base = opt_meta_f32(meta, &k("rope.freq_base"))?.unwrap_or(1_000_000.0);
         let rms_eps = meta_f32(meta, &k("attention.layer_norm_rms_epsilon"))?;
         let sliding_window = meta_usize(meta, &k("attention.sliding_window"))?;
-        let rope_scale_global = match opt_meta_str(meta, &k("rope.scaling.type"))?.as_deref() {
-            None | Some("none") => 1.0,
-            Some("linear") => meta_f32(meta, &k("rope.scaling.factor"))?,
-            Some(other) => {
-                return Err(ConfigError::InvalidMetadata {
-                    key: k("rope.scaling.type"),
-                    reason: format!("RoPE scaling '{other}' is not supported (only linear)"),
-                })
-            }
-        };
+        let rope_scale = read_linear_rope_scale(meta, "gemma3")?;
         let dims = meta
             .tensor_dims(TOKEN_EMBD)
             .ok_or_else(|| ConfigError::MissingTensor {
@@ -122,12 +113,13 @@ impl ArchFamily for Gemma3Family {
             rope_base,
             rms_eps,
             rope_layout: RopeLayout::HalfSplit,
+            rope_scale,
         };
         base.validate()?;
-        if sliding_window == 0 || !(rope_scale_global.is_finite() && rope_scale_global > 0.0) {
-            return Err(ConfigError::InvalidConfig(format!(
-                "sliding_window {sliding_window} and RoPE scale {rope_scale_global} must be positive"
-            )));
+        if sliding_window == 0 {
+            return Err(ConfigError::InvalidConfig(
+                "sliding_window must be positive".into(),
+            ));
         }
         Ok(Gemma3Config {
             query_scale: 1.0 / (head_dim as f32).sqrt(),
@@ -135,7 +127,6 @@ impl ArchFamily for Gemma3Family {
             sliding_window,
             swa_pattern: SWA_PATTERN,
             rope_base_local: ROPE_BASE_LOCAL,
-            rope_scale_global,
         })
     }
 }

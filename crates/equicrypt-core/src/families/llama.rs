@@ -3,8 +3,8 @@
 
 use super::{ArchFamily, TensorRole};
 use crate::config::{
-    meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_usize, ConfigError, LlamaConfig,
-    MetadataSource, RopeLayout,
+    meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_usize, read_linear_rope_scale,
+    ConfigError, LlamaConfig, MetadataSource, RopeLayout,
 };
 
 /// The LLaMA family (GGUF names).
@@ -62,59 +62,72 @@ impl ArchFamily for LlamaFamily {
     }
 
     fn read_config(&self, meta: &dyn MetadataSource) -> Result<LlamaConfig, ConfigError> {
-        let arch = meta_str(meta, "general.architecture")?;
-        if arch != self.arch() {
-            return Err(ConfigError::UnsupportedArchitecture { arch });
-        }
-        let n_layer = meta_usize(meta, "llama.block_count")?;
-        let d_model = meta_usize(meta, "llama.embedding_length")?;
-        let d_ff = meta_usize(meta, "llama.feed_forward_length")?;
-        let n_head = meta_usize(meta, "llama.attention.head_count")?;
-        let n_kv_head = opt_meta_usize(meta, "llama.attention.head_count_kv")?.unwrap_or(n_head);
-        let context_length = meta_usize(meta, "llama.context_length")?;
-        let rope_base = opt_meta_f32(meta, "llama.rope.freq_base")?.unwrap_or(10000.0);
-        let rms_eps = meta_f32(meta, "llama.attention.layer_norm_rms_epsilon")?;
-        let dims = meta
-            .tensor_dims(TOKEN_EMBD)
-            .ok_or_else(|| ConfigError::MissingTensor {
-                name: TOKEN_EMBD.into(),
-            })?;
-        if dims.len() != 2 || dims[1] != d_model {
-            return Err(ConfigError::TensorShape {
-                name: TOKEN_EMBD.into(),
-                expected: vec![0, d_model],
-                actual: dims,
-            });
-        }
-        let head_dim = d_model.checked_div(n_head).unwrap_or(0);
-        let cfg = LlamaConfig {
-            n_layer,
-            d_model,
-            d_ff,
-            n_head,
-            n_kv_head,
-            head_dim,
-            vocab_size: dims[0],
-            context_length,
-            rope_base,
-            rms_eps,
-            rope_layout: RopeLayout::Interleaved,
-        };
-        if cfg.q_dim() != d_model {
+        read_llama_like(meta, self.arch(), RopeLayout::Interleaved)
+    }
+}
+
+/// Reads a LLaMA-shaped config whose keys live under `arch.` (`llama`, `qwen2`, …), after
+/// checking `general.architecture == arch`; `layout` is the format's RoPE pairing.
+pub(crate) fn read_llama_like(
+    meta: &dyn MetadataSource,
+    arch_name: &str,
+    layout: RopeLayout,
+) -> Result<LlamaConfig, ConfigError> {
+    let arch = meta_str(meta, "general.architecture")?;
+    if arch != arch_name {
+        return Err(ConfigError::UnsupportedArchitecture { arch });
+    }
+    let k = |s: &str| format!("{arch_name}.{s}");
+    let n_layer = meta_usize(meta, &k("block_count"))?;
+    let d_model = meta_usize(meta, &k("embedding_length"))?;
+    let d_ff = meta_usize(meta, &k("feed_forward_length"))?;
+    let n_head = meta_usize(meta, &k("attention.head_count"))?;
+    let n_kv_head = opt_meta_usize(meta, &k("attention.head_count_kv"))?.unwrap_or(n_head);
+    let context_length = meta_usize(meta, &k("context_length"))?;
+    let rope_base = opt_meta_f32(meta, &k("rope.freq_base"))?.unwrap_or(10000.0);
+    let rms_eps = meta_f32(meta, &k("attention.layer_norm_rms_epsilon"))?;
+    let rope_scale = read_linear_rope_scale(meta, arch_name)?;
+    let dims = meta
+        .tensor_dims(TOKEN_EMBD)
+        .ok_or_else(|| ConfigError::MissingTensor {
+            name: TOKEN_EMBD.into(),
+        })?;
+    if dims.len() != 2 || dims[1] != d_model {
+        return Err(ConfigError::TensorShape {
+            name: TOKEN_EMBD.into(),
+            expected: vec![0, d_model],
+            actual: dims,
+        });
+    }
+    let head_dim = d_model.checked_div(n_head).unwrap_or(0);
+    let cfg = LlamaConfig {
+        n_layer,
+        d_model,
+        d_ff,
+        n_head,
+        n_kv_head,
+        head_dim,
+        vocab_size: dims[0],
+        context_length,
+        rope_base,
+        rms_eps,
+        rope_layout: layout,
+        rope_scale,
+    };
+    if cfg.q_dim() != d_model {
+        return Err(ConfigError::InvalidConfig(format!(
+            "n_head {n_head} does not divide d_model {d_model}"
+        )));
+    }
+    cfg.validate()?;
+    if let Some(rd) = opt_meta_usize(meta, &k("rope.dimension_count"))? {
+        if rd != head_dim {
             return Err(ConfigError::InvalidConfig(format!(
-                "n_head {n_head} does not divide d_model {d_model}"
+                "partial RoPE (dimension_count {rd} != head_dim {head_dim}) is not supported"
             )));
         }
-        cfg.validate()?;
-        if let Some(rd) = opt_meta_usize(meta, "llama.rope.dimension_count")? {
-            if rd != head_dim {
-                return Err(ConfigError::InvalidConfig(format!(
-                    "partial RoPE (dimension_count {rd} != head_dim {head_dim}) is not supported"
-                )));
-            }
-        }
-        Ok(cfg)
     }
+    Ok(cfg)
 }
 
 #[cfg(test)]

@@ -7,9 +7,11 @@
 
 mod gemma3;
 mod llama;
+mod qwen2;
 
 pub use gemma3::Gemma3Family;
 pub use llama::LlamaFamily;
+pub use qwen2::Qwen2Family;
 
 use crate::config::{meta_str, ConfigError, MetadataSource, ModelConfig};
 
@@ -130,10 +132,13 @@ pub enum KnownFamily {
     Llama(LlamaFamily),
     /// GGUF `gemma3`.
     Gemma3(Gemma3Family),
+    /// GGUF `qwen2`.
+    Qwen2(Qwen2Family),
 }
 
 /// Architectures [`KnownFamily::of`] accepts, for error messages.
-pub const SUPPORTED_ARCHITECTURES: &str = "llama (SmolLM2, TinyLlama, Llama 2/3, Mistral), gemma3";
+pub const SUPPORTED_ARCHITECTURES: &str =
+    "llama (SmolLM2, TinyLlama, Llama 2/3, Mistral), gemma3, qwen2";
 
 impl KnownFamily {
     /// The family of a GGUF `general.architecture`, or
@@ -142,6 +147,7 @@ impl KnownFamily {
         match arch {
             "llama" => Ok(KnownFamily::Llama(LlamaFamily)),
             "gemma3" => Ok(KnownFamily::Gemma3(Gemma3Family)),
+            "qwen2" => Ok(KnownFamily::Qwen2(Qwen2Family)),
             other => Err(ConfigError::UnsupportedArchitecture {
                 arch: other.to_string(),
             }),
@@ -154,7 +160,6 @@ impl KnownFamily {
         let config = family.read_config(meta)?;
         Ok((family, config))
     }
-
 }
 
 impl ArchFamily for KnownFamily {
@@ -164,6 +169,7 @@ impl ArchFamily for KnownFamily {
         match self {
             KnownFamily::Llama(f) => f.arch(),
             KnownFamily::Gemma3(f) => f.arch(),
+            KnownFamily::Qwen2(f) => f.arch(),
         }
     }
 
@@ -171,6 +177,7 @@ impl ArchFamily for KnownFamily {
         match self {
             KnownFamily::Llama(f) => f.role_of(name),
             KnownFamily::Gemma3(f) => f.role_of(name),
+            KnownFamily::Qwen2(f) => f.role_of(name),
         }
     }
 
@@ -178,6 +185,7 @@ impl ArchFamily for KnownFamily {
         match self {
             KnownFamily::Llama(f) => f.name_of(role),
             KnownFamily::Gemma3(f) => f.name_of(role),
+            KnownFamily::Qwen2(f) => f.name_of(role),
         }
     }
 
@@ -185,6 +193,7 @@ impl ArchFamily for KnownFamily {
         Ok(match self {
             KnownFamily::Llama(f) => ModelConfig::Llama(f.read_config(meta)?),
             KnownFamily::Gemma3(f) => ModelConfig::Gemma3(f.read_config(meta)?),
+            KnownFamily::Qwen2(f) => ModelConfig::Qwen2(f.read_config(meta)?),
         })
     }
 }
