@@ -4,8 +4,9 @@
 //! the plaintext tokenizer. This crate provides:
 //!
 //! * [`GgufTokenizer`]: a tokenizer built from a plaintext GGUF file's `tokenizer.*` metadata whose
-//!   output matches llama.cpp's `llama_tokenize` exactly (byte-level BPE, `tokenizer.ggml.pre`
-//!   pre-tokenizer, special-token partitioning);
+//!   output matches llama.cpp's `llama_tokenize` exactly (byte-level BPE with the
+//!   `tokenizer.ggml.pre` pre-tokenizer, or SentencePiece with scores and byte fallback;
+//!   special-token partitioning);
 //! * [`ChatTemplate`]: renders `tokenizer.chat_template` (Jinja, HF-compatible settings);
 //! * [`StreamDecoder`]: incremental detokenization that only ever emits complete UTF-8;
 //! * [`CipherSession`]: tokenizer + [`equicrypt_core::VocabPermutation`] — encrypts prompts into
@@ -24,6 +25,7 @@
 #[cfg(feature = "remote")]
 pub mod remote;
 mod session;
+mod spm;
 mod stream;
 mod template;
 mod tokenizer;
@@ -31,7 +33,7 @@ mod tokenizer;
 pub use session::{CipherSession, CipherStreamDecoder};
 pub use stream::StreamDecoder;
 pub use template::{ChatMessage, ChatTemplate, CHAT_TEMPLATE_KEY};
-pub use tokenizer::{GgufTokenizer, PreTokenizerKind, TokenAttr};
+pub use tokenizer::{GgufTokenizer, PreTokenizerKind, TokenAttr, TokenizerModel};
 
 use equicrypt_core::CoreError;
 
@@ -59,8 +61,8 @@ pub enum ClientError {
         reason: String,
     },
     /// `tokenizer.ggml.model` names a tokenizer family this crate does not implement
-    /// (only byte-level BPE, `gpt2`, is supported).
-    #[error("unsupported tokenizer model '{0}' (only 'gpt2' byte-level BPE is supported)")]
+    /// (supported: byte-level BPE, `gpt2`, and SentencePiece, `llama`).
+    #[error("unsupported tokenizer model '{0}' (supported: 'gpt2' byte-level BPE, 'llama' SentencePiece)")]
     UnsupportedTokenizerModel(String),
     /// `tokenizer.ggml.pre` names a pre-tokenizer this crate does not implement.
     #[error("unsupported pre-tokenizer '{0}' (supported: smollm, gpt-2, default)")]

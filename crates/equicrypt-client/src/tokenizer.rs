@@ -1,19 +1,27 @@
 //! A llama.cpp-exact tokenizer built from a plaintext GGUF file's `tokenizer.*` metadata.
 //!
-//! Pipeline (mirrors `llama_vocab::impl::tokenize` for `LLAMA_VOCAB_TYPE_BPE`):
+//! Two tokenizer families (`tokenizer.ggml.model`), as llama.cpp's `llama_vocab::impl::tokenize`:
 //!
-//! 1. **Special-token partition** — like llama.cpp's `tokenizer_st_partition`: special tokens
-//!    (control, unknown and user-defined types) are matched in the raw text, longest token text
-//!    first, each one splitting every remaining text fragment at all of its occurrences.
-//!    Control/unknown tokens are only matched when `parse_special` is true; user-defined tokens
-//!    are always matched (as in llama.cpp).
-//! 2. **Pre-tokenizer** per `tokenizer.ggml.pre`, expressed as `tokenizers` `Split` pre-tokenizers
-//!    (isolated matches, exactly like llama.cpp's `unicode_regex_split`), then the byte-level
-//!    mapping.
-//! 3. **Byte-level BPE** with the GGUF vocabulary and ranked merges (`tokenizers` BPE model).
+//! * `gpt2` (`LLAMA_VOCAB_TYPE_BPE`, e.g. SmolLM2):
+//!   1. **Special-token partition** — like llama.cpp's `tokenizer_st_partition`: special tokens
+//!      (control, unknown and user-defined types) are matched in the raw text, longest token
+//!      text first, each one splitting every remaining text fragment at all of its occurrences.
+//!      Control/unknown tokens are only matched when `parse_special` is true; user-defined tokens
+//!      are always matched (as in llama.cpp).
+//!   2. **Pre-tokenizer** per `tokenizer.ggml.pre`, expressed as `tokenizers` `Split`
+//!      pre-tokenizers (isolated matches, exactly like llama.cpp's `unicode_regex_split`), then
+//!      the byte-level mapping.
+//!   3. **Byte-level BPE** with the GGUF vocabulary and ranked merges (`tokenizers` BPE model).
+//! * `llama` (`LLAMA_VOCAB_TYPE_SPM`, SentencePiece, e.g. Gemma 3): the same special-token
+//!   partition, then llama.cpp's `llm_tokenizer_spm` on every text fragment (score-ordered
+//!   merges of adjacent pieces with `tokenizer.ggml.scores`, byte fallback to `<0xXX>` tokens;
+//!   see the `spm` module). `tokenizer.ggml.add_space_prefix` (default true, as in llama.cpp)
+//!   prepends a space to a text fragment at the start or after a special token; spaces are
+//!   written `▁` (U+2581). `tokenizer.ggml.pre` is ignored, as llama.cpp does for SPM.
 //!
-//! Invariants of a constructed [`GgufTokenizer`]: token texts are unique, every merge's parts and
-//! result are in the vocabulary, and every id `< vocab_size()` has a decoded piece.
+//! Invariants of a constructed [`GgufTokenizer`]: token texts are unique, every BPE merge's parts
+//! and result are in the vocabulary, SPM scores cover the vocabulary, and every id
+//! `< vocab_size()` has a decoded piece.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -27,6 +35,7 @@ use tokenizers::pre_tokenizers::split::{Split, SplitPattern};
 use tokenizers::pre_tokenizers::PreTokenizerWrapper;
 use tokenizers::{AddedToken, SplitDelimiterBehavior, Tokenizer};
 
+use crate::spm::{Spm, SPACE_MARK};
 use crate::{ClientError, Result};
 
 /// GGUF key naming the tokenizer family.
@@ -39,14 +48,18 @@ pub(crate) const KEY_TOKENS: &str = "tokenizer.ggml.tokens";
 pub(crate) const KEY_TOKEN_TYPE: &str = "tokenizer.ggml.token_type";
 /// GGUF key with the BPE merges.
 pub(crate) const KEY_MERGES: &str = "tokenizer.ggml.merges";
+/// GGUF key with the SentencePiece token scores.
+const KEY_SCORES: &str = "tokenizer.ggml.scores";
 pub(crate) const KEY_BOS: &str = "tokenizer.ggml.bos_token_id";
 pub(crate) const KEY_EOS: &str = "tokenizer.ggml.eos_token_id";
+const KEY_UNK: &str = "tokenizer.ggml.unknown_token_id";
 const KEY_EOT: &str = "tokenizer.ggml.eot_token_id";
 const KEY_EOM: &str = "tokenizer.ggml.eom_token_id";
 const KEY_FIM_PAD: &str = "tokenizer.ggml.fim_pad_token_id";
 const KEY_FIM_REP: &str = "tokenizer.ggml.fim_rep_token_id";
 const KEY_FIM_SEP: &str = "tokenizer.ggml.fim_sep_token_id";
 const KEY_ADD_BOS: &str = "tokenizer.ggml.add_bos_token";
+const KEY_ADD_SPACE_PREFIX: &str = "tokenizer.ggml.add_space_prefix";
 
 /// llama.cpp's GPT-2 pre-tokenizer regex (`unicode_regex_split_custom_gpt2`) as a `Split`
 /// pattern. The trailing `\s+` alternative covers the lone whitespace character llama.cpp emits
@@ -145,6 +158,27 @@ impl TokenAttr {
     }
 }
 
+/// The tokenizer family named by `tokenizer.ggml.model`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TokenizerModel {
+    /// `gpt2`: byte-level BPE with ranked merges (llama.cpp's `LLAMA_VOCAB_TYPE_BPE`).
+    Bpe,
+    /// `llama`: SentencePiece with scores and byte fallback (llama.cpp's `LLAMA_VOCAB_TYPE_SPM`).
+    Spm,
+}
+
+impl TokenizerModel {
+    /// Parses a `tokenizer.ggml.model` value.
+    pub fn from_gguf_name(name: &str) -> Result<Self> {
+        match name {
+            "gpt2" => Ok(Self::Bpe),
+            "llama" => Ok(Self::Spm),
+            other => Err(ClientError::UnsupportedTokenizerModel(other.to_string())),
+        }
+    }
+}
+
 /// The pre-tokenizer named by `tokenizer.ggml.pre`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum PreTokenizerKind {
@@ -155,7 +189,8 @@ pub enum PreTokenizerKind {
     /// `gpt-2` (also accepted: `gpt2`, `phi-2`, `mpt`, `olmo`, `jais`): the GPT-2 regex only.
     Gpt2,
     /// `default` (also used by llama.cpp when the key is absent): llama.cpp's default chain
-    /// `[\p{P}$+<=>^~|]+`, GPT-2, `\p{N}+`, `[0-9][0-9][0-9]`.
+    /// `[\p{P}$+<=>^~|]+`, GPT-2, `\p{N}+`, `[0-9][0-9][0-9]`. SPM tokenizers always report
+    /// this (they have no pre-tokenizer; llama.cpp ignores the key for them).
     Default,
 }
 
@@ -186,13 +221,22 @@ impl PreTokenizerKind {
     }
 }
 
-/// A byte-level BPE tokenizer reconstructed from GGUF metadata, matching llama.cpp.
+/// The model behind the special-token partition.
+#[derive(Clone)]
+enum Backend {
+    /// BPE + pre-tokenizer, *without* added tokens (special tokens are partitioned by us).
+    Bpe(Box<Tokenizer>),
+    /// SentencePiece.
+    Spm(Box<Spm>),
+}
+
+/// A tokenizer reconstructed from GGUF metadata (byte-level BPE or SentencePiece), matching
+/// llama.cpp.
 ///
 /// Immutable after construction and cheap to share by reference (`Sync`).
 #[derive(Clone)]
 pub struct GgufTokenizer {
-    /// BPE + pre-tokenizer, *without* added tokens (special tokens are partitioned by us).
-    raw: Tokenizer,
+    backend: Backend,
     pre: PreTokenizerKind,
     texts: Vec<String>,
     attrs: Vec<TokenAttr>,
@@ -202,6 +246,7 @@ pub struct GgufTokenizer {
     special_order: Vec<u32>,
     bos: Option<u32>,
     eos: Option<u32>,
+    unk: Option<u32>,
     eog: Vec<u32>,
     add_bos: bool,
 }
@@ -209,6 +254,7 @@ pub struct GgufTokenizer {
 impl std::fmt::Debug for GgufTokenizer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("GgufTokenizer")
+            .field("model", &self.model())
             .field("vocab_size", &self.texts.len())
             .field("pre", &self.pre)
             .field("bos", &self.bos)
@@ -329,6 +375,173 @@ fn parse_byte_token(text: &str) -> Option<u8> {
     u8::from_str_radix(hex, 16).ok()
 }
 
+/// `key` as a boolean, `None` when absent.
+fn opt_bool(md: &HashMap<String, Value>, key: &str) -> Result<Option<bool>> {
+    match md.get(key) {
+        None => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(bad(
+            key,
+            format!("expected a boolean, found {:?}", v.value_type()),
+        )),
+    }
+}
+
+/// `tokenizer.ggml.scores` (f32 or i32 elements, at least `n`), all 0 when absent (llama.cpp).
+fn get_scores(md: &HashMap<String, Value>, n: usize) -> Result<Vec<f32>> {
+    let Some(v) = md.get(KEY_SCORES) else {
+        return Ok(vec![0.0; n]);
+    };
+    let Value::Array(items) = v else {
+        return Err(bad(KEY_SCORES, "expected an array"));
+    };
+    if items.len() < n {
+        return Err(bad(
+            KEY_SCORES,
+            format!("{} scores for {n} tokens", items.len()),
+        ));
+    }
+    items[..n]
+        .iter()
+        .map(|v| match v {
+            Value::F32(x) => Ok(*x),
+            Value::I32(x) => Ok(*x as f32),
+            _ => Err(bad(KEY_SCORES, "expected f32 or i32 elements")),
+        })
+        .collect()
+}
+
+/// The decoded bytes of an SPM token (llama.cpp's `token_to_piece(.., special = true)` for
+/// `LLAMA_VOCAB_TYPE_SPM`): control / unknown / user-defined tokens give their text, normal
+/// tokens their text with `▁` → space, byte tokens their byte, the rest nothing.
+fn spm_piece(text: &str, attr: TokenAttr) -> Vec<u8> {
+    match attr {
+        TokenAttr::Control | TokenAttr::Unknown | TokenAttr::UserDefined => {
+            text.as_bytes().to_vec()
+        }
+        TokenAttr::Normal => text.replace(SPACE_MARK, " ").into_bytes(),
+        TokenAttr::Byte => vec![spm_token_byte(text)],
+        TokenAttr::Unused | TokenAttr::Undefined => Vec::new(),
+    }
+}
+
+/// llama.cpp's `token_to_byte` for SPM: `strtol(text.substr(3, 2), 16)` (leading hex digits of
+/// the two characters after `<0x`; 0 when there are none).
+fn spm_token_byte(text: &str) -> u8 {
+    if let Some(b) = parse_byte_token(text) {
+        return b;
+    }
+    let mut value = 0u8;
+    for &c in text.as_bytes().iter().skip(3).take(2) {
+        match char::from(c).to_digit(16) {
+            // Two hex digits at most: fits in a byte.
+            Some(d) => value = value.wrapping_mul(16).wrapping_add(d as u8),
+            None => break,
+        }
+    }
+    value
+}
+
+/// The `tokenizers` BPE pipeline of a `gpt2` vocabulary and the decoded piece of every token.
+fn build_bpe(
+    md: &HashMap<String, Value>,
+    pre: PreTokenizerKind,
+    vocab: HashMap<String, u32>,
+    texts: &[String],
+    attrs: &[TokenAttr],
+) -> Result<(Tokenizer, Vec<Vec<u8>>)> {
+    let merges = get_str_array(md, KEY_MERGES)?
+        .into_iter()
+        .map(|m| {
+            // llama.cpp: split at the first space after the first byte.
+            let pos = m
+                .bytes()
+                .skip(1)
+                .position(|b| b == b' ')
+                .map(|p| p + 1)
+                .ok_or_else(|| bad(KEY_MERGES, format!("merge {m:?} has no separator")))?;
+            Ok((m[..pos].to_string(), m[pos + 1..].to_string()))
+        })
+        .collect::<Result<Vec<_>>>()?;
+
+    let table = byte_to_char_table();
+    let char_to_byte: HashMap<char, u8> = table
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
+        .collect();
+    let pieces = texts
+        .iter()
+        .zip(attrs)
+        .map(|(t, a)| match a {
+            TokenAttr::Normal => byte_level_decode(t, &char_to_byte),
+            TokenAttr::Control | TokenAttr::Unknown | TokenAttr::UserDefined => {
+                t.as_bytes().to_vec()
+            }
+            TokenAttr::Byte => parse_byte_token(t)
+                .map(|b| vec![b])
+                .unwrap_or_else(|| byte_level_decode(t, &char_to_byte)),
+            TokenAttr::Unused | TokenAttr::Undefined => Vec::new(),
+        })
+        .collect();
+
+    let bpe = BPE::builder()
+        .vocab_and_merges(vocab.into_iter().collect::<BpeVocab>(), merges)
+        .build()
+        .map_err(|e| ClientError::Tokenizer(format!("building BPE model: {e}")))?;
+    let mut steps = Vec::new();
+    for pat in pre.patterns() {
+        let split = Split::new(
+            SplitPattern::Regex((*pat).to_string()),
+            SplitDelimiterBehavior::Isolated,
+            false,
+        )
+        .map_err(|e| ClientError::Tokenizer(format!("pre-tokenizer regex {pat:?}: {e}")))?;
+        steps.push(PreTokenizerWrapper::Split(split));
+    }
+    steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
+        false, false, false,
+    )));
+    let mut raw = Tokenizer::new(bpe);
+    raw.with_pre_tokenizer(Some(Sequence::new(steps)));
+    raw.with_decoder(Some(ByteLevelDecoder::default()));
+    Ok((raw, pieces))
+}
+
+/// The set of bytes and of adjacent byte pairs of a text.
+struct BytePairs {
+    bytes: [bool; 256],
+    /// Bit `a * 256 + b` is set when the text contains the bytes `a b` in a row.
+    pairs: Vec<u64>,
+}
+
+impl BytePairs {
+    fn new(text: &[u8]) -> Self {
+        let mut bytes = [false; 256];
+        let mut pairs = vec![0u64; 65536 / 64];
+        for &b in text {
+            bytes[b as usize] = true;
+        }
+        for w in text.windows(2) {
+            let i = (usize::from(w[0]) << 8) | usize::from(w[1]);
+            pairs[i / 64] |= 1 << (i % 64);
+        }
+        Self { bytes, pairs }
+    }
+
+    /// False only when `pat` cannot occur in the text.
+    fn may_contain(&self, pat: &[u8]) -> bool {
+        match pat {
+            [] => true,
+            [b] => self.bytes[*b as usize],
+            _ => pat.windows(2).all(|w| {
+                let i = (usize::from(w[0]) << 8) | usize::from(w[1]);
+                self.pairs[i / 64] & (1 << (i % 64)) != 0
+            }),
+        }
+    }
+}
+
 /// A fragment of input text after special-token partitioning.
 enum Fragment<'t> {
     Text(&'t str),
@@ -349,17 +562,19 @@ impl GgufTokenizer {
 
     /// Builds the tokenizer from GGUF metadata key/values.
     ///
-    /// Requires `tokenizer.ggml.model` = `gpt2`, `tokenizer.ggml.tokens` and
-    /// `tokenizer.ggml.merges`; `tokenizer.ggml.pre` defaults to `default` (as in llama.cpp) and
-    /// `tokenizer.ggml.token_type` to all-normal.
+    /// Requires `tokenizer.ggml.model` (`gpt2` or `llama`) and `tokenizer.ggml.tokens`;
+    /// `tokenizer.ggml.token_type` defaults to all-normal.
+    ///
+    /// * `gpt2` also requires `tokenizer.ggml.merges`; `tokenizer.ggml.pre` defaults to `default`
+    ///   (as in llama.cpp); `tokenizer.ggml.add_bos_token` defaults to false.
+    /// * `llama` (SentencePiece) reads `tokenizer.ggml.scores` (all 0 when absent, as in
+    ///   llama.cpp) and `tokenizer.ggml.add_space_prefix` (default true); BOS / EOS / unknown ids
+    ///   default to llama.cpp's SPM defaults 1 / 2 / 0 and `add_bos_token` to true.
     pub fn from_metadata(md: &HashMap<String, Value>) -> Result<Self> {
-        let model = get_str(md, KEY_MODEL)?;
-        if model != "gpt2" {
-            return Err(ClientError::UnsupportedTokenizerModel(model.to_string()));
-        }
-        let pre = match md.get(KEY_PRE) {
-            None => PreTokenizerKind::Default,
-            Some(_) => PreTokenizerKind::from_gguf_name(get_str(md, KEY_PRE)?)?,
+        let model = TokenizerModel::from_gguf_name(get_str(md, KEY_MODEL)?)?;
+        let pre = match (model, md.get(KEY_PRE)) {
+            (TokenizerModel::Spm, _) | (_, None) => PreTokenizerKind::Default,
+            (_, Some(_)) => PreTokenizerKind::from_gguf_name(get_str(md, KEY_PRE)?)?,
         };
 
         // Token texts (llama.cpp replaces empty texts by "[EMPTY_i]").
@@ -410,23 +625,13 @@ impl GgufTokenizer {
             }
         }
 
-        let merges = get_str_array(md, KEY_MERGES)?
-            .into_iter()
-            .map(|m| {
-                // llama.cpp: split at the first space after the first byte.
-                let pos = m
-                    .bytes()
-                    .skip(1)
-                    .position(|b| b == b' ')
-                    .map(|p| p + 1)
-                    .ok_or_else(|| bad(KEY_MERGES, format!("merge {m:?} has no separator")))?;
-                Ok((m[..pos].to_string(), m[pos + 1..].to_string()))
-            })
-            .collect::<Result<Vec<_>>>()?;
-
-        // Special ids: explicit keys, then llama.cpp's text-based auto-detection.
-        let bos = opt_token_id(md, KEY_BOS, n)?;
-        let eos = opt_token_id(md, KEY_EOS, n)?;
+        // Special ids: explicit keys (llama.cpp's SPM defaults where absent or out of range),
+        // then llama.cpp's text-based auto-detection.
+        let spm_default =
+            |id: u32| Some(id).filter(|&id| model == TokenizerModel::Spm && (id as usize) < n);
+        let bos = opt_token_id(md, KEY_BOS, n)?.or_else(|| spm_default(1));
+        let eos = opt_token_id(md, KEY_EOS, n)?.or_else(|| spm_default(2));
+        let unk = opt_token_id(md, KEY_UNK, n)?.or_else(|| spm_default(0));
         let find_text = |list: &[&str]| {
             texts
                 .iter()
@@ -439,7 +644,9 @@ impl GgufTokenizer {
         let fim_rep = opt_token_id(md, KEY_FIM_REP, n)?.or_else(|| find_text(FIM_REP_TEXTS));
         let fim_sep = opt_token_id(md, KEY_FIM_SEP, n)?.or_else(|| find_text(FIM_SEP_TEXTS));
 
-        // llama.cpp promotes control-looking tokens to control type.
+        // llama.cpp promotes control-looking tokens to control type (it sets the CONTROL bit:
+        // a user-defined token so marked, e.g. Gemma's `</s>`, then behaves as a control token:
+        // matched only with `parse_special`, hidden when special tokens are not rendered).
         let promote: Vec<&[&str]> = vec![
             EOT_TEXTS,
             EOM_TEXTS,
@@ -449,9 +656,7 @@ impl GgufTokenizer {
             EOG_TEXTS,
         ];
         for (i, t) in texts.iter().enumerate() {
-            if promote.iter().any(|l| l.contains(&t.as_str()))
-                && !matches!(attrs[i], TokenAttr::UserDefined | TokenAttr::Unknown)
-            {
+            if promote.iter().any(|l| l.contains(&t.as_str())) && attrs[i] != TokenAttr::Unknown {
                 attrs[i] = TokenAttr::Control;
             }
         }
@@ -502,52 +707,28 @@ impl GgufTokenizer {
             .collect();
         special_order.sort_by_key(|&i| std::cmp::Reverse(texts[i as usize].len()));
 
-        let table = byte_to_char_table();
-        let char_to_byte: HashMap<char, u8> = table
-            .iter()
-            .enumerate()
-            .map(|(b, &c)| (c, b as u8))
-            .collect();
-        let pieces = texts
-            .iter()
-            .zip(&attrs)
-            .map(|(t, a)| match a {
-                TokenAttr::Normal => byte_level_decode(t, &char_to_byte),
-                TokenAttr::Control | TokenAttr::Unknown | TokenAttr::UserDefined => {
-                    t.as_bytes().to_vec()
-                }
-                TokenAttr::Byte => parse_byte_token(t)
-                    .map(|b| vec![b])
-                    .unwrap_or_else(|| byte_level_decode(t, &char_to_byte)),
-                TokenAttr::Unused | TokenAttr::Undefined => Vec::new(),
-            })
-            .collect();
-
-        let bpe = BPE::builder()
-            .vocab_and_merges(vocab.into_iter().collect::<BpeVocab>(), merges)
-            .build()
-            .map_err(|e| ClientError::Tokenizer(format!("building BPE model: {e}")))?;
-        let mut steps = Vec::new();
-        for pat in pre.patterns() {
-            let split = Split::new(
-                SplitPattern::Regex((*pat).to_string()),
-                SplitDelimiterBehavior::Isolated,
-                false,
-            )
-            .map_err(|e| ClientError::Tokenizer(format!("pre-tokenizer regex {pat:?}: {e}")))?;
-            steps.push(PreTokenizerWrapper::Split(split));
-        }
-        steps.push(PreTokenizerWrapper::ByteLevel(ByteLevel::new(
-            false, false, false,
-        )));
-        let mut raw = Tokenizer::new(bpe);
-        raw.with_pre_tokenizer(Some(Sequence::new(steps)));
-        raw.with_decoder(Some(ByteLevelDecoder::default()));
-
-        let add_bos = matches!(md.get(KEY_ADD_BOS), Some(Value::Bool(true)));
+        let (backend, pieces, add_bos) = match model {
+            TokenizerModel::Bpe => {
+                let (raw, pieces) = build_bpe(md, pre, vocab, &texts, &attrs)?;
+                let add_bos = matches!(md.get(KEY_ADD_BOS), Some(Value::Bool(true)));
+                (Backend::Bpe(Box::new(raw)), pieces, add_bos)
+            }
+            TokenizerModel::Spm => {
+                let scores = get_scores(md, n)?;
+                let add_space_prefix = opt_bool(md, KEY_ADD_SPACE_PREFIX)?.unwrap_or(true);
+                let add_bos = opt_bool(md, KEY_ADD_BOS)?.unwrap_or(true);
+                let pieces = texts
+                    .iter()
+                    .zip(&attrs)
+                    .map(|(t, &a)| spm_piece(t, a))
+                    .collect();
+                let spm = Spm::new(vocab, scores, unk, add_space_prefix);
+                (Backend::Spm(Box::new(spm)), pieces, add_bos)
+            }
+        };
 
         Ok(Self {
-            raw,
+            backend,
             pre,
             texts,
             attrs,
@@ -555,6 +736,7 @@ impl GgufTokenizer {
             special_order,
             bos,
             eos,
+            unk,
             eog,
             add_bos,
         })
@@ -565,23 +747,50 @@ impl GgufTokenizer {
         self.texts.len()
     }
 
-    /// The pre-tokenizer in use.
+    /// The tokenizer family (`tokenizer.ggml.model`).
+    pub fn model(&self) -> TokenizerModel {
+        match self.backend {
+            Backend::Bpe(_) => TokenizerModel::Bpe,
+            Backend::Spm(_) => TokenizerModel::Spm,
+        }
+    }
+
+    /// The pre-tokenizer in use ([`PreTokenizerKind::Default`] for SentencePiece, which has
+    /// none).
     pub fn pre_tokenizer(&self) -> PreTokenizerKind {
         self.pre
     }
 
-    /// `tokenizer.ggml.bos_token_id`, if present and in range.
+    /// Whether SentencePiece prepends a space to a text fragment at the start of the input or
+    /// after a special token (`tokenizer.ggml.add_space_prefix`); always false for BPE.
+    pub fn add_space_prefix(&self) -> bool {
+        match &self.backend {
+            Backend::Bpe(_) => false,
+            Backend::Spm(spm) => spm.add_space_prefix(),
+        }
+    }
+
+    /// `tokenizer.ggml.bos_token_id`, if present and in range (SentencePiece: llama.cpp's
+    /// default 1 otherwise).
     pub fn bos_id(&self) -> Option<u32> {
         self.bos
     }
 
-    /// `tokenizer.ggml.eos_token_id`, if present and in range.
+    /// `tokenizer.ggml.eos_token_id`, if present and in range (SentencePiece: llama.cpp's
+    /// default 2 otherwise).
     pub fn eos_id(&self) -> Option<u32> {
         self.eos
     }
 
-    /// `tokenizer.ggml.add_bos_token` (false when absent). [`encode`](Self::encode) never adds a
-    /// BOS itself; callers prepend [`bos_id`](Self::bos_id) when this is true.
+    /// `tokenizer.ggml.unknown_token_id`, if present and in range (SentencePiece: llama.cpp's
+    /// default 0 otherwise). SentencePiece encodes a byte with no byte token as this token.
+    pub fn unk_id(&self) -> Option<u32> {
+        self.unk
+    }
+
+    /// `tokenizer.ggml.add_bos_token` (when absent: false for BPE, true for SentencePiece, as
+    /// llama.cpp). [`encode`](Self::encode) never adds a BOS itself; callers prepend
+    /// [`bos_id`](Self::bos_id) when this is true.
     pub fn add_bos_token(&self) -> bool {
         self.add_bos
     }
@@ -599,7 +808,8 @@ impl GgufTokenizer {
         self.eog.binary_search(&id).is_ok()
     }
 
-    /// The token's text as stored in the GGUF (byte-level encoded for normal tokens).
+    /// The token's text as stored in the GGUF (byte-level encoded for normal BPE tokens, spaces
+    /// as `▁` for SentencePiece).
     pub fn token_text(&self, id: u32) -> Option<&str> {
         self.texts.get(id as usize).map(String::as_str)
     }
@@ -611,12 +821,16 @@ impl GgufTokenizer {
 
     /// Looks up a token by its exact stored text.
     pub fn token_id(&self, text: &str) -> Option<u32> {
-        self.raw.token_to_id(text)
+        match &self.backend {
+            Backend::Bpe(raw) => raw.token_to_id(text),
+            Backend::Spm(spm) => spm.token_id(text),
+        }
     }
 
-    /// Raw bytes of one token (byte-level mapping undone; control, unknown and user-defined
-    /// tokens give their literal text; unused/undefined tokens give nothing). A single token may
-    /// hold an incomplete UTF-8 sequence.
+    /// Raw bytes of one token (byte-level mapping undone, or SentencePiece's `▁` turned back into
+    /// a space; byte tokens give their byte; control, unknown and user-defined tokens give their
+    /// literal text; unused/undefined tokens give nothing). A single token may hold an
+    /// incomplete UTF-8 sequence. No leading space is ever stripped.
     pub fn token_bytes(&self, id: u32) -> Result<&[u8]> {
         self.pieces
             .get(id as usize)
@@ -640,16 +854,26 @@ impl GgufTokenizer {
     /// parse_special)`.
     pub fn encode(&self, text: &str, parse_special: bool) -> Result<Vec<u32>> {
         let mut out = Vec::new();
+        // SentencePiece: llama.cpp's `is_prev_special`, true at the start.
+        let mut prev_special = true;
         for frag in self.partition(text, parse_special) {
             match frag {
-                Fragment::Token(id) => out.push(id),
-                Fragment::Text(s) => {
-                    let enc = self
-                        .raw
-                        .encode_fast(s, false)
-                        .map_err(|e| ClientError::Tokenizer(e.to_string()))?;
-                    out.extend_from_slice(enc.get_ids());
+                Fragment::Token(id) => {
+                    out.push(id);
+                    prev_special = true;
                 }
+                Fragment::Text(s) => match &self.backend {
+                    Backend::Bpe(raw) => {
+                        let enc = raw
+                            .encode_fast(s, false)
+                            .map_err(|e| ClientError::Tokenizer(e.to_string()))?;
+                        out.extend_from_slice(enc.get_ids());
+                    }
+                    Backend::Spm(spm) => {
+                        spm.encode_fragment(s, spm.add_space_prefix() && prev_special, &mut out)?;
+                        prev_special = false;
+                    }
+                },
             }
         }
         Ok(out)
@@ -665,7 +889,10 @@ impl GgufTokenizer {
     }
 
     /// Detokenizes `ids` (special tokens rendered as their text), replacing invalid UTF-8 with
-    /// U+FFFD. For every string `s`, `decode(encode(s, _)) == s`.
+    /// U+FFFD. For every string `s`, `decode(encode(s, _)) == s` with BPE; with SentencePiece
+    /// too, unless `s` contains `▁` (encoded as a space), a byte without a byte token (encoded as
+    /// the unknown token) or gets a space prefix (`add_space_prefix`, decoded as a leading
+    /// space: llama.cpp's detokenizer strips it, this does not).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         Ok(String::from_utf8_lossy(&self.decode_bytes(ids)?).into_owned())
     }
@@ -683,17 +910,21 @@ impl GgufTokenizer {
         Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
-    /// The BPE + pre-tokenizer pipeline without special-token handling.
-    pub fn raw_tokenizer(&self) -> &Tokenizer {
-        &self.raw
+    /// The BPE + pre-tokenizer pipeline without special-token handling; `None` for
+    /// SentencePiece (no `tokenizers` model reproduces llama.cpp's SPM).
+    pub fn raw_tokenizer(&self) -> Option<&Tokenizer> {
+        match &self.backend {
+            Backend::Bpe(raw) => Some(raw),
+            Backend::Spm(_) => None,
+        }
     }
 
     /// A standalone `tokenizers::Tokenizer` with the special tokens registered as added tokens
-    /// (control/unknown as special). Its matching of overlapping special tokens is
-    /// leftmost-longest (HF) rather than llama.cpp's longest-first; [`encode`](Self::encode) is
-    /// the reference.
-    pub fn hf_tokenizer(&self) -> Tokenizer {
-        let mut tok = self.raw.clone();
+    /// (control/unknown as special); `None` for SentencePiece. Its matching of overlapping
+    /// special tokens is leftmost-longest (HF) rather than llama.cpp's longest-first;
+    /// [`encode`](Self::encode) is the reference.
+    pub fn hf_tokenizer(&self) -> Option<Tokenizer> {
+        let mut tok = self.raw_tokenizer()?.clone();
         let added: Vec<AddedToken> = self
             .special_order
             .iter()
@@ -703,7 +934,7 @@ impl GgufTokenizer {
             })
             .collect();
         tok.add_special_tokens(&added);
-        tok
+        Some(tok)
     }
 
     /// llama.cpp's `tokenizer_st_partition` (without per-model lstrip/rstrip attributes).
@@ -712,15 +943,19 @@ impl GgufTokenizer {
         if text.is_empty() {
             return Vec::new();
         }
+        // Vocabularies such as Gemma's hold thousands of special tokens: a cheap necessary
+        // condition (every byte pair of the token occurs in the text) skips most of them.
+        let pairs = BytePairs::new(text.as_bytes());
         for &id in &self.special_order {
             let attr = self.attrs[id as usize];
             if !parse_special && attr != TokenAttr::UserDefined {
                 continue;
             }
             let pat = self.texts[id as usize].as_str();
-            if !frags
-                .iter()
-                .any(|f| matches!(f, Fragment::Text(s) if s.contains(pat)))
+            if !pairs.may_contain(pat.as_bytes())
+                || !frags
+                    .iter()
+                    .any(|f| matches!(f, Fragment::Text(s) if s.contains(pat)))
             {
                 continue;
             }
