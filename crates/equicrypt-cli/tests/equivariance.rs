@@ -199,12 +199,27 @@ proptest! {
 /// is written, naming the tensor.
 #[test]
 fn full_mode_on_k_quants_is_refused_naming_the_tensor() {
-    let m = SyntheticLlama { shape: K_SHAPE, layout: SyntheticLayout::Llama, matrix_dtype: GgmlDType::Q4K, embed_dtype: GgmlDType::Q8_0, untied_head: false, seed: 1 };
+    let m = SyntheticLlama {
+        shape: K_SHAPE,
+        layout: SyntheticLayout::Llama,
+        matrix_dtype: GgmlDType::Q4K,
+        embed_dtype: GgmlDType::Q8_0,
+        untied_head: false,
+        seed: 1,
+    };
     let dir = tempfile::tempdir().unwrap();
     let (p, e) = (dir.path().join("p.gguf"), dir.path().join("e.gguf"));
     m.write(&p).unwrap();
-    let opts = EncryptOptions { mode: PermMode::Full, ..Default::default() };
-    let err = encrypt_gguf(&SecretKey::from_bytes([3; 32]), &p, &e, &opts).unwrap_err().to_string();
-    assert!(err.contains("Q4K") && err.contains("tensor 'blk.0."), "{err}");
+    let opts = EncryptOptions {
+        mode: PermMode::Full,
+        ..Default::default()
+    };
+    let err = encrypt_gguf(&SecretKey::from_bytes([3; 32]), &p, &e, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("Q4K") && err.contains("tensor 'blk.0."),
+        "{err}"
+    );
     assert!(!e.exists(), "nothing half-written");
 }

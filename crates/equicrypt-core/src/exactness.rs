@@ -65,6 +65,17 @@ impl PermMode {
             }
         }
     }
+
+    /// [`PermMode::exactness_on`] for a file whose tensors include K-quants (`k_quants`): in
+    /// [`PermMode::Exact`] permutations then cross the 8-value partial sums that K-quant dot
+    /// products (candle's and llama.cpp's) add in float, so only rounding-level equality holds;
+    /// [`PermMode::Stock`] keeps every 4-group, and with it every float operand.
+    pub fn exactness_on_file(self, engine: EngineKind, k_quants: bool) -> Exactness {
+        match self {
+            PermMode::Exact if k_quants => Exactness::Rounding,
+            _ => self.exactness_on(engine),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -81,5 +92,9 @@ mod tests {
             PermMode::Exact.exactness_on(EngineKind::LlamaCppPortable),
             Exactness::Rounding
         );
+        for e in [EngineKind::Equicrypt, EngineKind::LlamaCppPortable] {
+            assert_eq!(PermMode::Stock.exactness_on_file(e, true), Exactness::BitIdentical);
+            assert_eq!(PermMode::Exact.exactness_on_file(e, true), Exactness::Rounding);
+        }
     }
 }

@@ -1,0 +1,208 @@
+//! Gemma 3 270M (Q4_K_M: Q4_K, Q5_0, Q6_K, Q8_0, F32) end to end with the built binary: stock
+//! llama.cpp runs the encrypted file bit-identically, and the blind server, `chat`, the OpenAI
+//! proxy and a real `llama-server` answer exactly as the plaintext model does.
+//!
+//! The model is `equicrypt fetch-model gemma3` (`EQUICRYPT_GEMMA3_GGUF` or `models/gemma3/`); it
+//! is a base model without chat tuning, so its answers are poor: equivalence is the point. The
+//! chat prompt is one whose greedy margin is wide (≥ 1.47 logits over 16 tokens, checked first),
+//! so a cross-engine comparison cannot flip on a near-tie. SKIP unless the model (and, for the
+//! llama.cpp tests, llama-cpp-python / llama-server) is present or `EQUICRYPT_REQUIRE_*=1`.
+
+#![allow(clippy::await_holding_lock)]
+
+mod support;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use equicrypt_client::ChatMessage;
+use equicrypt_test_support::{
+    assert_margin, chat_margin, gemma3, heavy_lock, llama_cpp_python, llama_server, raw_http,
+    ChildGuard, Margin,
+};
+use serde_json::{json, Value};
+use support::{Fixture, Proc, BIN};
+
+/// The chat prompt (Gemma's built-in template): greedy margin ≥ 1.47 over 16 tokens.
+const USER: &str = "Continue the sequence: 1, 2, 3, 4, 5,";
+const GEN: usize = 16;
+
+fn reference(plain: &std::path::Path) -> Margin {
+    let m = chat_margin(plain, &[ChatMessage::new("user", USER)], GEN);
+    assert_margin(&m, "Gemma 3 chat prompt");
+    m
+}
+
+/// Runs `equicrypt chat` with `input` on stdin; returns stdout.
+fn chat(fx: &Fixture, server: &str, extra: &[&str]) -> String {
+    let mut child = Command::new(BIN)
+        .arg("chat")
+        .arg("--key")
+        .arg(&fx.key_path)
+        .arg("--tokenizer")
+        .arg(&fx.plain)
+        .args(["--server", server, "--max-tokens", &GEN.to_string()])
+        .args(extra)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(format!("{USER}\n/quit\n").as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "chat failed: {err}\n{out}");
+    out
+}
+
+#[test]
+fn gemma3_stock_file_is_bit_identical_in_stock_llamacpp() {
+    let test = "gemma3_stock_file_is_bit_identical_in_stock_llamacpp";
+    let Some(plain) = gemma3(test) else {
+        return;
+    };
+    if !llama_cpp_python(test) {
+        return;
+    }
+    let _heavy = heavy_lock();
+    let fx = Fixture::new(&plain); // default mode: stock
+    let text: String = include_str!("../data/eval.txt").chars().take(900).collect();
+    let prompts: Vec<&str> = include_str!("../data/prompts.txt")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(3)
+        .collect();
+    let dir = fx.dir.path();
+    std::fs::write(dir.join("text.txt"), &text).unwrap();
+    std::fs::write(dir.join("prompts.txt"), prompts.join("\n")).unwrap();
+    let report = dir.join("report.json");
+    let out = Command::new(BIN)
+        .arg("verify")
+        .arg("--key")
+        .arg(&fx.key_path)
+        .arg("--plain")
+        .arg(&plain)
+        .arg("--encrypted")
+        .arg(&fx.enc)
+        .args(["--engine", "llamacpp", "--gen-tokens", "8"])
+        .arg("--text")
+        .arg(dir.join("text.txt"))
+        .arg("--prompts")
+        .arg(dir.join("prompts.txt"))
+        .arg("--json")
+        .arg(&report)
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "verify failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let l = &r["logits"];
+    assert!(l["tokens"].as_u64().unwrap() > 150, "{r}");
+    assert_eq!(l["bit_identical_rows"], l["tokens"], "{r}");
+    assert_eq!(r["generation"]["identical"], 3, "{r}");
+    assert_eq!(r["promised"], "bit-identical logits", "{r}");
+    println!("{stdout}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn gemma3_blind_server_chat_and_proxy_answer_as_the_plain_model() {
+    let test = "gemma3_blind_server_chat_and_proxy_answer_as_the_plain_model";
+    let Some(plain) = gemma3(test) else {
+        return;
+    };
+    let _heavy = heavy_lock();
+    let expect = reference(&plain);
+    let expect = expect.text.trim().to_string();
+    assert!(!expect.is_empty());
+    let fx = Fixture::new(&plain);
+    let (_server, addr) = Proc::serve(&fx.enc);
+    let out = chat(&fx, &format!("http://{addr}"), &[]);
+    assert!(out.starts_with(&expect), "expected {expect:?} in:\n{out}");
+
+    let (_proxy, paddr) = Proc::proxy(&fx.key_path, &plain, addr);
+    let req = json!({
+        "messages": [{"role": "user", "content": USER}],
+        "max_tokens": GEN,
+        "temperature": 0,
+    });
+    let (code, body) = raw_http(
+        paddr,
+        "POST",
+        "/v1/chat/completions",
+        Some(&req.to_string()),
+    )
+    .unwrap();
+    assert_eq!(code, 200, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap();
+    assert_eq!(content.trim(), expect, "{body}");
+    println!("blind server, chat and proxy answered {expect:?}");
+}
+
+#[test]
+fn gemma3_chat_through_real_llama_server_answers_as_the_plain_model() {
+    let test = "gemma3_chat_through_real_llama_server_answers_as_the_plain_model";
+    let Some(plain) = gemma3(test) else {
+        return;
+    };
+    let Some(bin) = llama_server(test) else {
+        return;
+    };
+    let _heavy = heavy_lock();
+    let expect = reference(&plain);
+    let expect = expect.text.trim().to_string();
+    let fx = Fixture::new(&plain);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let log = fx.dir.path().join("llama-server.log");
+    let logf = std::fs::File::create(&log).unwrap();
+    let mut server = ChildGuard(
+        Command::new(bin)
+            .arg("-m")
+            .arg(&fx.enc)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .args(["-t", "1", "-tb", "1", "-c", "1024", "-np", "1"])
+            .args(["--alias", &fx.key.fingerprint().0])
+            .stdin(Stdio::null())
+            .stdout(logf.try_clone().unwrap())
+            .stderr(logf)
+            .spawn()
+            .unwrap(),
+    );
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        if let Ok(Some(s)) = server.try_wait() {
+            panic!(
+                "llama-server exited with {s}: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            );
+        }
+        if matches!(raw_http(addr, "GET", "/health", None), Ok((200, _))) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "llama-server not healthy");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let out = chat(&fx, &format!("http://{addr}"), &["--backend", "llamacpp"]);
+    assert!(out.starts_with(&expect), "expected {expect:?} in:\n{out}");
+    println!("llama-server answered {expect:?}");
+}
