@@ -93,8 +93,14 @@ mod tests {
             Exactness::Rounding
         );
         for e in [EngineKind::Equicrypt, EngineKind::LlamaCppPortable] {
-            assert_eq!(PermMode::Stock.exactness_on_file(e, true), Exactness::BitIdentical);
-            assert_eq!(PermMode::Exact.exactness_on_file(e, true), Exactness::Rounding);
+            assert_eq!(
+                PermMode::Stock.exactness_on_file(e, true),
+                Exactness::BitIdentical
+            );
+            assert_eq!(
+                PermMode::Exact.exactness_on_file(e, true),
+                Exactness::Rounding
+            );
         }
     }
 }

@@ -108,6 +108,13 @@ impl GgufFile {
         let content = Content::read(&mut file).map_err(|e| {
             let reason = e.to_string();
             let reason = reason.lines().next().unwrap_or("").trim().to_string();
+            if let Some(name) = reason
+                .strip_prefix("unknown dtype for tensor ")
+                .and_then(|id| id.trim().parse::<u32>().ok())
+                .map(ggml_type_name)
+            {
+                return ModelError::UnsupportedTensorType(format!("{name} in {}", path.display()));
+            }
             ModelError::Corrupt(format!(
                 "{}: not a valid GGUF file ({reason})",
                 path.display()
@@ -383,4 +390,29 @@ fn ggml_type_id(t: GgmlDType) -> u32 {
         GgmlDType::Q8K => 15,
         GgmlDType::BF16 => 30,
     }
+}
+
+/// The ggml name of a tensor type id that candle cannot read (IQ, ternary, integer types, …).
+pub fn ggml_type_name(id: u32) -> String {
+    let name = match id {
+        16 => "IQ2_XXS",
+        17 => "IQ2_XS",
+        18 => "IQ3_XXS",
+        19 => "IQ1_S",
+        20 => "IQ4_NL",
+        21 => "IQ3_S",
+        22 => "IQ2_S",
+        23 => "IQ4_XS",
+        24 => "I8",
+        25 => "I16",
+        26 => "I32",
+        27 => "I64",
+        28 => "F64",
+        29 => "IQ1_M",
+        34 => "TQ1_0",
+        35 => "TQ2_0",
+        39 => "MXFP4",
+        other => return format!("ggml type {other}"),
+    };
+    format!("{name} (ggml type {id})")
 }

@@ -58,7 +58,7 @@ pub enum ModelError {
     UnsupportedArchitecture(String),
     /// A tensor type that cannot be transformed losslessly.
     #[error(
-        "unsupported tensor type {0}: supported are F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (IQ and other types cannot be permuted losslessly here)"
+        "unsupported tensor type {0}: supported are F32, F16, BF16, Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K (IQ and ternary types are not repacked: several encode groups of 8 values jointly)"
     )]
     UnsupportedTensorType(String),
     /// A column permutation would split quantization blocks (or K-quant sub-blocks).

@@ -271,8 +271,12 @@ impl SyntheticLlama {
             (k("attention.head_count"), u(s.n_head)),
             (k("attention.head_count_kv"), u(s.n_kv_head)),
             (k("rope.freq_base"), Value::F32(c.rope_base)),
-            (k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_eps)),
         ];
+        // Key order is part of the golden plaintext digest of the `Llama` layout.
+        if self.layout != SyntheticLayout::Gemma3 {
+            meta.push((k("rope.dimension_count"), u(s.head_dim())));
+        }
+        meta.push((k("attention.layer_norm_rms_epsilon"), Value::F32(c.rms_eps)));
         match self.layout {
             SyntheticLayout::Gemma3 => {
                 meta.push((k("attention.key_length"), u(s.head_dim())));
@@ -280,11 +284,10 @@ impl SyntheticLlama {
                 meta.push((k("attention.sliding_window"), u(4)));
             }
             SyntheticLayout::Llama3 => {
-                meta.push((k("rope.dimension_count"), u(s.head_dim())));
                 meta.push((k("rope.scaling.type"), Value::String("linear".into())));
                 meta.push((k("rope.scaling.factor"), Value::F32(2.0)));
             }
-            _ => meta.push((k("rope.dimension_count"), u(s.head_dim()))),
+            _ => {}
         }
         meta.extend([
             ("tokenizer.ggml.model".into(), Value::String("gpt2".into())),

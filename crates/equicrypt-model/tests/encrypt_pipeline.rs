@@ -135,15 +135,23 @@ fn bad_inputs_leave_no_output() {
     .unwrap_err();
     assert!(matches!(e, ModelError::Io { .. }), "{e}");
 
-    // Unsupported tensor type (K-quant) is named.
+    // Full mode on K-quants would be lossy: refused, naming the tensor.
     let mut k = q41_model(4);
-    k.shape.d_model = 256;
-    k.shape.d_ff = 256;
+    // Two super-blocks per row: full mode's 32-block moves cross them.
+    k.shape.d_model = 512;
+    k.shape.d_ff = 512;
     k.matrix_dtype = GgmlDType::Q4K;
     let kq = dir.path().join("kq.gguf");
     k.write(&kq).unwrap();
-    let e = encrypt_gguf(&key, &kq, &out, &Default::default()).unwrap_err();
-    assert!(e.to_string().contains("Q4K"), "{e}");
+    let full = EncryptOptions {
+        mode: PermMode::Full,
+        ..Default::default()
+    };
+    let e = encrypt_gguf(&key, &kq, &out, &full).unwrap_err();
+    assert!(
+        e.to_string().contains("Q4K") && e.to_string().contains("tensor '"),
+        "{e}"
+    );
 
     only_file_is(
         dir.path(),
@@ -242,7 +250,7 @@ fn unsupported_architecture_is_named() {
         .collect();
     for (k, v) in &mut meta {
         if k == "general.architecture" {
-            *v = Value::String("qwen2".into());
+            *v = Value::String("mamba".into());
         }
     }
     let tensors = src.tensors.clone();
@@ -270,7 +278,7 @@ fn unsupported_architecture_is_named() {
     )
     .unwrap_err();
     assert!(
-        matches!(e, ModelError::UnsupportedArchitecture(ref a) if a == "qwen2"),
+        matches!(e, ModelError::UnsupportedArchitecture(ref a) if a == "mamba"),
         "{e}"
     );
     assert!(!out.exists());
@@ -311,5 +319,37 @@ fn hidden_special_ids_are_not_stored_and_inspect_says_so() {
     for t in fa.tensors.clone() {
         let tb = fb.tensor(&t.name).unwrap().clone();
         assert_eq!(fa.read_tensor(&t).unwrap(), fb.read_tensor(&tb).unwrap());
+    }
+}
+
+/// Tensor types that cannot be repacked (IQ, ternary) are refused with their ggml name, before
+/// anything is written.
+#[test]
+fn iq_tensor_types_are_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let (plain_p, enc_p) = (dir.path().join("plain.gguf"), dir.path().join("enc.gguf"));
+    SyntheticLlama::tiny_f32(3).write(&plain_p).unwrap();
+    let mut bytes = std::fs::read(&plain_p).unwrap();
+    // Tensor info: u64 name length, name, u32 n_dims, n_dims × u64, u32 type.
+    let name = b"blk.0.attn_q.weight";
+    let mut needle = (name.len() as u64).to_le_bytes().to_vec();
+    needle.extend_from_slice(name);
+    let at = bytes
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .unwrap()
+        + needle.len();
+    let n_dims = u32::from_le_bytes(bytes[at..at + 4].try_into().unwrap()) as usize;
+    let ty = at + 4 + 8 * n_dims;
+    for (id, label) in [(16u32, "IQ2_XXS"), (23, "IQ4_XS"), (35, "TQ2_0")] {
+        bytes[ty..ty + 4].copy_from_slice(&id.to_le_bytes());
+        std::fs::write(&plain_p, &bytes).unwrap();
+        let key = SecretKey::from_bytes([1; 32]);
+        let e = encrypt_gguf(&key, &plain_p, &enc_p, &EncryptOptions::default()).unwrap_err();
+        assert!(
+            matches!(e, ModelError::UnsupportedTensorType(_)) && e.to_string().contains(label),
+            "{e}"
+        );
+        only_file_is(dir.path(), &["plain.gguf"]);
     }
 }
