@@ -64,10 +64,10 @@ enum Command {
         /// Key file.
         #[arg(long)]
         key: PathBuf,
-        /// Plaintext GGUF.
+        /// Plaintext GGUF, or a Hugging Face transformers checkpoint directory.
         #[arg(long)]
         model: PathBuf,
-        /// Encrypted GGUF to write.
+        /// Encrypted GGUF to write (a new directory for a checkpoint directory).
         #[arg(long)]
         out: PathBuf,
         /// Key space: `stock` (bit-identical logits in our engine and stock llama.cpp, the
@@ -270,7 +270,17 @@ fn run(cli: Cli) -> Result<()> {
                 overwrite: force,
                 hide_special_ids,
             };
-            let r = encrypt_gguf(&key, &model, &out, &opts)?;
+            let r = if model.is_dir() {
+                if force && out.exists() {
+                    anyhow::bail!(
+                        "--force does not replace a checkpoint directory: remove {} first",
+                        out.display()
+                    );
+                }
+                equicrypt_model::hf::encrypt_hf(&key, &model, &out, &opts)?
+            } else {
+                encrypt_gguf(&key, &model, &out, &opts)?
+            };
             println!(
                 "encrypted {} tensors ({:.1} MB) in {:.2} s -> {} (mode {}, key {})",
                 r.tensors,

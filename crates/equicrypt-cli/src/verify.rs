@@ -39,9 +39,14 @@ pub struct VerifyArgs {
     /// Write the report as JSON here.
     #[arg(long)]
     json: Option<PathBuf>,
-    /// Which engine runs both models: `equicrypt` (ours, candle) or `llamacpp` (llama-cpp-python).
+    /// Which engine runs both models: `equicrypt` (ours, candle), `llamacpp` (llama-cpp-python)
+    /// or `transformers` (PyTorch CPU; `--plain` and `--encrypted` are checkpoint directories).
     #[arg(long, default_value = "equicrypt")]
     engine: String,
+    /// Plaintext GGUF whose tokenizer and chat template the client uses (default: `--plain`;
+    /// needed with `--engine transformers` until the client reads Hugging Face tokenizers).
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
 }
 
 /// Logit-level comparison over a text.
@@ -176,8 +181,13 @@ pub struct VerifyReport {
 /// Runs `verify`.
 pub fn run(a: &VerifyArgs) -> Result<()> {
     let key = keyfile::read(&a.pair.key)?;
-    let client = ClientSide::load(&a.pair.plain, &key)?;
-    let (mode, k_quants) = {
+    let client = ClientSide::load(a.tokenizer.as_ref().unwrap_or(&a.pair.plain), &key)?;
+    let (mode, k_quants) = if a.engine == "transformers" {
+        let ck = equicrypt_model::hf::HfCheckpoint::open(&a.pair.encrypted)?;
+        let info = ck.encrypted_info()?;
+        info.check_key(&key)?;
+        (info.mode, false)
+    } else {
         let f = equicrypt_model::GgufFile::open(&a.pair.encrypted)?;
         let k_quants = f.tensors.iter().any(|t| {
             equicrypt_model::quant::BlockFormat::of(t.dtype).is_ok_and(|b| b.is_k_quant())
@@ -216,10 +226,13 @@ pub fn run(a: &VerifyArgs) -> Result<()> {
     let engine = match a.engine.as_str() {
         "equicrypt" => EngineKind::Equicrypt,
         "llamacpp" => EngineKind::LlamaCppPortable,
-        other => bail!("unknown engine '{other}' (expected equicrypt or llamacpp)"),
+        "transformers" => EngineKind::Transformers,
+        other => bail!("unknown engine '{other}' (expected equicrypt, llamacpp or transformers)"),
     };
     let mut report = match engine {
-        EngineKind::LlamaCppPortable => run_llamacpp(a, &client, &ids, &prompts, mode.as_str())?,
+        EngineKind::LlamaCppPortable | EngineKind::Transformers => {
+            run_stock(a, engine, &client, &ids, &prompts, mode.as_str())?
+        }
         _ => run_ours(a, &key, &client, &ids, &prompts, mode.as_str())?,
     };
     let promise = mode.exactness_on_file(engine, k_quants);
@@ -295,11 +308,24 @@ fn prompt_ids(client: &ClientSide, prompts: &[&str]) -> Result<Vec<Vec<u32>>> {
         .collect()
 }
 
-/// Runs both models in llama.cpp through `scripts/llamacpp_eval.py`. The job file holds the
-/// vocabulary permutation (secret), so it is created 0600 in a private temporary directory that is
-/// removed afterwards.
-fn run_llamacpp(
+/// The Python interpreter of the transformers environment: `$EQUICRYPT_HF_PYTHON`, else
+/// `$EQUICRYPT_CACHE_DIR/hf-venv/bin/python` (default cache `/work/cache`, made by
+/// `scripts/setup-hf.sh`).
+pub fn hf_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("EQUICRYPT_HF_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("EQUICRYPT_CACHE_DIR").unwrap_or_else(|| "/work/cache".into());
+    PathBuf::from(cache).join("hf-venv/bin/python")
+}
+
+/// Runs both models in a stock engine (llama.cpp through `scripts/llamacpp_eval.py`,
+/// transformers through `scripts/transformers_eval.py`). The job file holds the vocabulary
+/// permutation (secret), so it is created 0600 in a private temporary directory that is removed
+/// afterwards.
+fn run_stock(
     a: &VerifyArgs,
+    engine: EngineKind,
     client: &ClientSide,
     ids: &[u32],
     prompts: &[&str],
@@ -333,13 +359,14 @@ fn run_llamacpp(
         let mut f = o.open(&job_path).context("cannot create the job file")?;
         std::io::Write::write_all(&mut f, serde_json::to_string(&job)?.as_bytes())?;
     }
-    let script = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../../scripts/llamacpp_eval.py"
-    );
-    eprintln!("running both models in llama.cpp…");
-    let out = std::process::Command::new("python3")
-        .arg(script)
+    let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/");
+    let (python, script) = match engine {
+        EngineKind::Transformers => (hf_python(), "transformers_eval.py"),
+        _ => (PathBuf::from("python3"), "llamacpp_eval.py"),
+    };
+    eprintln!("running both models in {}…", engine.name());
+    let out = std::process::Command::new(&python)
+        .arg(format!("{scripts}{script}"))
         .arg("--plain")
         .arg(&a.pair.plain)
         .arg("--encrypted")
@@ -348,12 +375,12 @@ fn run_llamacpp(
         .arg(&job_path)
         .stderr(std::process::Stdio::inherit())
         .output()
-        .context("cannot run python3 scripts/llamacpp_eval.py")?;
+        .with_context(|| format!("cannot run {} scripts/{script}", python.display()))?;
     if !out.status.success() {
-        bail!("llama.cpp evaluation failed ({})", out.status);
+        bail!("{} evaluation failed ({})", engine.name(), out.status);
     }
-    let mut r: VerifyReport =
-        serde_json::from_slice(&out.stdout).context("llama.cpp evaluation printed no report")?;
+    let mut r: VerifyReport = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("{} evaluation printed no report", engine.name()))?;
     r.mode = mode.to_string();
     Ok(r)
 }

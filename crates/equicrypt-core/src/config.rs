@@ -152,11 +152,13 @@ pub fn meta_usize(src: &dyn MetadataSource, key: &str) -> Result<usize, ConfigEr
     opt_meta_usize(src, key)?.ok_or_else(|| missing(key))
 }
 
-/// An optional float value (F32 or F64).
+/// An optional float value (F32 or F64; an integer is widened, as JSON writes `100000` for
+/// `100000.0`).
 pub fn opt_meta_f32(src: &dyn MetadataSource, key: &str) -> Result<Option<f32>, ConfigError> {
     match src.meta_value(key) {
         None => Ok(None),
         Some(MetaValue::Float(x)) => Ok(Some(x as f32)),
+        Some(MetaValue::Int(n)) => Ok(Some(n as f32)),
         Some(v) => Err(invalid(
             key,
             format!("expected a float, found {}", v.kind()),

@@ -15,6 +15,9 @@ pub enum EngineKind {
     /// Stock llama.cpp (llama-cpp-python and `llama-server`) built portably by
     /// `scripts/build-llamacpp.sh`: AVX2 kernels, no AVX-512, no AMX, on any x86 host.
     LlamaCppPortable,
+    /// Stock Hugging Face transformers (PyTorch CPU, float32) on a safetensors checkpoint: its
+    /// BLAS matmuls reduce over permuted axes in float, so only rounding-level equality holds.
+    Transformers,
 }
 
 impl EngineKind {
@@ -23,6 +26,7 @@ impl EngineKind {
         match self {
             EngineKind::Equicrypt => "equicrypt (ours)",
             EngineKind::LlamaCppPortable => "llama.cpp (portable AVX2 build)",
+            EngineKind::Transformers => "transformers (PyTorch CPU, float32)",
         }
     }
 }
@@ -58,6 +62,7 @@ impl PermMode {
     /// | full | rounding | rounding |
     pub fn exactness_on(self, engine: EngineKind) -> Exactness {
         match (self, engine) {
+            (_, EngineKind::Transformers) => Exactness::Rounding,
             (PermMode::Stock, _) => Exactness::BitIdentical,
             (PermMode::Exact, EngineKind::Equicrypt) => Exactness::BitIdentical,
             (PermMode::Exact, EngineKind::LlamaCppPortable) | (PermMode::Full, _) => {

@@ -21,7 +21,7 @@ pub use config::{
 };
 pub use exactness::{EngineKind, Exactness};
 pub use families::{
-    ArchFamily, Gemma3Family, KnownFamily, LlamaFamily, Qwen2Family, TensorRole,
+    ArchFamily, Gemma3Family, HfLlamaFamily, KnownFamily, LlamaFamily, Qwen2Family, TensorRole,
     SUPPORTED_ARCHITECTURES,
 };
 pub use key::{KeyFingerprint, SecretKey, KEY_FILE_HEADER};

@@ -9,6 +9,7 @@
 
 pub mod encrypt;
 pub mod gguf;
+pub mod hf;
 pub mod inspect;
 pub mod quant;
 pub mod rekey;

@@ -6,10 +6,12 @@
 //! type from a [`MetadataSource`]. `docs/new-family.md` is the recipe for adding one.
 
 mod gemma3;
+mod hf_llama;
 mod llama;
 mod qwen2;
 
 pub use gemma3::Gemma3Family;
+pub use hf_llama::{HfLlamaFamily, HF_MODEL_TYPES};
 pub use llama::LlamaFamily;
 pub use qwen2::Qwen2Family;
 
