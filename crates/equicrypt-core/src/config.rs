@@ -398,3 +398,23 @@ pub fn read_linear_rope_scale(src: &dyn MetadataSource, prefix: &str) -> Result<
         )),
     }
 }
+
+/// The number of rows (the vocabulary size) of the embedding tensor `name`, checking that it is
+/// `[rows, d_model]`.
+pub fn embedding_rows(
+    src: &dyn MetadataSource,
+    name: &str,
+    d_model: usize,
+) -> Result<usize, ConfigError> {
+    let dims = src
+        .tensor_dims(name)
+        .ok_or_else(|| ConfigError::MissingTensor { name: name.into() })?;
+    if dims.len() != 2 || dims[1] != d_model {
+        return Err(ConfigError::TensorShape {
+            name: name.into(),
+            expected: vec![0, d_model],
+            actual: dims,
+        });
+    }
+    Ok(dims[0])
+}

@@ -276,18 +276,7 @@ pub fn encrypt_gguf(
     let writer: GgufSink = GgufWriter::create(output, &meta, headers)?;
 
     let total: u64 = jobs.iter().map(|(t, _)| t.size).sum();
-    let bar = if opts.progress {
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "encrypting {bar:40} {bytes}/{total_bytes} {msg}",
-            )
-            .expect("static template"),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = progress_bar(total, opts.progress);
     transform_into(&mut plain, writer, &jobs, &bar)?;
     bar.finish_and_clear();
     Ok(EncryptReport {
@@ -296,6 +285,19 @@ pub fn encrypt_gguf(
         seconds: start.elapsed().as_secs_f64(),
         fingerprint: key.fingerprint(),
     })
+}
+
+/// The encrypt progress bar over `total` bytes on stderr, or a hidden one.
+pub(crate) fn progress_bar(total: u64, show: bool) -> indicatif::ProgressBar {
+    if !show {
+        return indicatif::ProgressBar::hidden();
+    }
+    let b = indicatif::ProgressBar::new(total);
+    b.set_style(
+        indicatif::ProgressStyle::with_template("encrypting {bar:40} {bytes}/{total_bytes} {msg}")
+            .expect("static template"),
+    );
+    b
 }
 
 /// Resolves every tensor's transform (by role, through the family) before anything is written:

@@ -313,18 +313,7 @@ pub fn encrypt_hf(
         .iter()
         .flat_map(|(_, _, j)| j.iter().map(|(t, _)| t.size))
         .sum();
-    let bar = if opts.progress {
-        let b = indicatif::ProgressBar::new(total);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "encrypting {bar:40} {bytes}/{total_bytes} {msg}",
-            )
-            .expect("static template"),
-        );
-        b
-    } else {
-        indicatif::ProgressBar::hidden()
-    };
+    let bar = crate::encrypt::progress_bar(total, opts.progress);
     let fingerprint = key.fingerprint();
     let st_meta: HashMap<String, String> = HashMap::from([
         ("format".to_string(), "pt".to_string()),

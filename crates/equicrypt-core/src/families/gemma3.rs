@@ -9,8 +9,8 @@
 
 use super::{ArchFamily, LayerRole, TensorRole};
 use crate::config::{
-    meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_usize, read_linear_rope_scale,
-    ConfigError, Gemma3Config, LlamaConfig, MetadataSource, RopeLayout,
+    embedding_rows, meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_usize,
+    read_linear_rope_scale, ConfigError, Gemma3Config, LlamaConfig, MetadataSource, RopeLayout,
 };
 
 /// The Gemma 3 family (GGUF names).
@@ -89,18 +89,7 @@ impl ArchFamily for Gemma3Family {
         let rms_eps = meta_f32(meta, &k("attention.layer_norm_rms_epsilon"))?;
         let sliding_window = meta_usize(meta, &k("attention.sliding_window"))?;
         let rope_scale = read_linear_rope_scale(meta, "gemma3")?;
-        let dims = meta
-            .tensor_dims(TOKEN_EMBD)
-            .ok_or_else(|| ConfigError::MissingTensor {
-                name: TOKEN_EMBD.into(),
-            })?;
-        if dims.len() != 2 || dims[1] != d_model {
-            return Err(ConfigError::TensorShape {
-                name: TOKEN_EMBD.into(),
-                expected: vec![0, d_model],
-                actual: dims,
-            });
-        }
+        let vocab_size = embedding_rows(meta, TOKEN_EMBD, d_model)?;
         let base = LlamaConfig {
             n_layer,
             d_model,
@@ -108,7 +97,7 @@ impl ArchFamily for Gemma3Family {
             n_head,
             n_kv_head,
             head_dim,
-            vocab_size: dims[0],
+            vocab_size,
             context_length,
             rope_base,
             rms_eps,

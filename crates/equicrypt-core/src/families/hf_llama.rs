@@ -8,10 +8,10 @@
 //! no `lm_head.weight`. RoPE scaling of any kind (`rope_scaling`) acts per frequency pair and pairs
 //! never move, so the plan does not depend on it; only a linear factor is recorded.
 
-use super::{ArchFamily, TensorRole};
+use super::{ArchFamily, LayerRole, TensorRole};
 use crate::config::{
-    meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_str, opt_meta_usize, ConfigError,
-    LlamaConfig, MetadataSource, RopeLayout,
+    embedding_rows, meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_str, opt_meta_usize,
+    ConfigError, LlamaConfig, MetadataSource, RopeLayout,
 };
 
 /// The LLaMA family in transformers format (also `mistral`, `qwen2`).
@@ -22,8 +22,6 @@ pub struct HfLlamaFamily;
 pub const HF_MODEL_TYPES: [&str; 3] = ["llama", "mistral", "qwen2"];
 
 const EMBED: &str = "model.embed_tokens.weight";
-
-type LayerRole = fn(usize) -> TensorRole;
 
 const LAYER_TENSORS: &[(&str, LayerRole)] = &[
     ("input_layernorm.weight", TensorRole::AttnNorm),
@@ -54,19 +52,7 @@ impl ArchFamily for HfLlamaFamily {
             "model.norm.weight" => return Some(TensorRole::OutputNorm),
             _ => {}
         }
-        let rest = name.strip_prefix("model.layers.")?;
-        let (layer, tensor) = rest.split_once('.')?;
-        if layer.is_empty()
-            || (layer.len() > 1 && layer.starts_with('0'))
-            || !layer.bytes().all(|b| b.is_ascii_digit())
-        {
-            return None;
-        }
-        let layer: usize = layer.parse().ok()?;
-        LAYER_TENSORS
-            .iter()
-            .find(|(s, _)| *s == tensor)
-            .map(|(_, r)| r(layer))
+        super::layer_role(name, "model.layers.", LAYER_TENSORS)
     }
 
     fn name_of(&self, role: TensorRole) -> String {
@@ -74,13 +60,7 @@ impl ArchFamily for HfLlamaFamily {
             TensorRole::TokenEmbedding => EMBED.into(),
             TensorRole::Output => "lm_head.weight".into(),
             TensorRole::OutputNorm => "model.norm.weight".into(),
-            r => {
-                let l = r.layer().unwrap_or(usize::MAX);
-                match LAYER_TENSORS.iter().find(|(_, f)| f(l) == r) {
-                    Some((s, _)) => format!("model.layers.{l}.{s}"),
-                    None => format!("{r:?}"),
-                }
-            }
+            r => super::layer_name(r, "model.layers.", LAYER_TENSORS),
         }
     }
 
@@ -112,21 +92,12 @@ impl ArchFamily for HfLlamaFamily {
                 rope_scale = meta_f32(meta, &format!("{obj}.factor"))?;
             }
         }
-        let dims = meta
-            .tensor_dims(EMBED)
-            .ok_or_else(|| ConfigError::MissingTensor { name: EMBED.into() })?;
-        if dims.len() != 2 || dims[1] != d_model {
-            return Err(ConfigError::TensorShape {
-                name: EMBED.into(),
-                expected: vec![0, d_model],
-                actual: dims,
-            });
-        }
+        let vocab_size = embedding_rows(meta, EMBED, d_model)?;
         if let Some(v) = opt_meta_usize(meta, "vocab_size")? {
-            if v != dims[0] {
+            if v != vocab_size {
                 return Err(ConfigError::InvalidConfig(format!(
                     "vocab_size {v} but {EMBED} has {} rows",
-                    dims[0]
+                    vocab_size
                 )));
             }
         }
@@ -137,7 +108,7 @@ impl ArchFamily for HfLlamaFamily {
             n_head,
             n_kv_head,
             head_dim,
-            vocab_size: dims[0],
+            vocab_size,
             context_length,
             rope_base,
             rms_eps,

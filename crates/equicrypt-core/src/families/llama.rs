@@ -3,8 +3,8 @@
 
 use super::{ArchFamily, TensorRole};
 use crate::config::{
-    meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_usize, read_linear_rope_scale,
-    ConfigError, LlamaConfig, MetadataSource, RopeLayout,
+    embedding_rows, meta_f32, meta_str, meta_usize, opt_meta_f32, opt_meta_usize,
+    read_linear_rope_scale, ConfigError, LlamaConfig, MetadataSource, RopeLayout,
 };
 
 /// The LLaMA family (GGUF names).
@@ -87,18 +87,7 @@ pub(crate) fn read_llama_like(
     let rope_base = opt_meta_f32(meta, &k("rope.freq_base"))?.unwrap_or(10000.0);
     let rms_eps = meta_f32(meta, &k("attention.layer_norm_rms_epsilon"))?;
     let rope_scale = read_linear_rope_scale(meta, arch_name)?;
-    let dims = meta
-        .tensor_dims(TOKEN_EMBD)
-        .ok_or_else(|| ConfigError::MissingTensor {
-            name: TOKEN_EMBD.into(),
-        })?;
-    if dims.len() != 2 || dims[1] != d_model {
-        return Err(ConfigError::TensorShape {
-            name: TOKEN_EMBD.into(),
-            expected: vec![0, d_model],
-            actual: dims,
-        });
-    }
+    let vocab_size = embedding_rows(meta, TOKEN_EMBD, d_model)?;
     let head_dim = d_model.checked_div(n_head).unwrap_or(0);
     let cfg = LlamaConfig {
         n_layer,
@@ -107,7 +96,7 @@ pub(crate) fn read_llama_like(
         n_head,
         n_kv_head,
         head_dim,
-        vocab_size: dims[0],
+        vocab_size,
         context_length,
         rope_base,
         rms_eps,

@@ -102,7 +102,17 @@ pub(crate) type LayerRole = fn(usize) -> TensorRole;
 /// The role of a llama.cpp per-layer tensor name `blk.N.<suffix>` from a family's suffix table.
 /// Only canonical decimal layer numbers are accepted, so that the name round-trips.
 pub(crate) fn gguf_layer_role(name: &str, table: &[(&str, LayerRole)]) -> Option<TensorRole> {
-    let (layer, tensor) = name.strip_prefix("blk.")?.split_once('.')?;
+    layer_role(name, "blk.", table)
+}
+
+/// The role of a per-layer tensor name `<prefix>N.<suffix>` (`blk.` in GGUF, `model.layers.` in
+/// transformers) from a family's suffix table; canonical decimal layer numbers only.
+pub(crate) fn layer_role(
+    name: &str,
+    prefix: &str,
+    table: &[(&str, LayerRole)],
+) -> Option<TensorRole> {
+    let (layer, tensor) = name.strip_prefix(prefix)?.split_once('.')?;
     if layer.is_empty() || (layer.len() > 1 && layer.starts_with('0')) {
         return None;
     }
@@ -119,9 +129,14 @@ pub(crate) fn gguf_layer_role(name: &str, table: &[(&str, LayerRole)]) -> Option
 /// The llama.cpp name `blk.N.<suffix>` of a per-layer role; a role missing from the table gets
 /// a descriptive non-GGUF name (it then never matches a file's tensor).
 pub(crate) fn gguf_layer_name(role: TensorRole, table: &[(&str, LayerRole)]) -> String {
+    layer_name(role, "blk.", table)
+}
+
+/// The name `<prefix>N.<suffix>` of a per-layer role (see [`gguf_layer_name`]).
+pub(crate) fn layer_name(role: TensorRole, prefix: &str, table: &[(&str, LayerRole)]) -> String {
     let l = role.layer().unwrap_or(usize::MAX);
     match table.iter().find(|(_, f)| f(l) == role) {
-        Some((suffix, _)) => format!("blk.{l}.{suffix}"),
+        Some((suffix, _)) => format!("{prefix}{l}.{suffix}"),
         None => format!("{role:?}"),
     }
 }
