@@ -2,6 +2,7 @@
 
 mod audit;
 mod bench;
+mod bench_encrypt;
 mod fetch;
 mod keyfile;
 mod loadtest;
@@ -123,6 +124,8 @@ enum Command {
     Loadtest(loadtest::LoadtestArgs),
     /// Decode throughput direct vs through `serve` vs through `proxy` + `serve` (run with RAYON_NUM_THREADS=1).
     BenchServe(servebench::BenchServeArgs),
+    /// Encryption time and peak RSS on a synthetic transformers checkpoint of a real model's shape (1B or 7B, BF16 shards)
+    BenchEncrypt(bench_encrypt::BenchEncryptArgs),
     /// Fetch SmolLM2, make a key, encrypt, serve it blind, chat through it: the first command to run.
     Demo {
         /// Models directory.
@@ -281,8 +284,11 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 encrypt_gguf(&key, &model, &out, &opts)?
             };
+            let rss = bench_encrypt::peak_rss_bytes().map_or(String::new(), |b| {
+                format!(", peak RSS {:.1} MB", b as f64 / 1e6)
+            });
             println!(
-                "encrypted {} tensors ({:.1} MB) in {:.2} s -> {} (mode {}, key {})",
+                "encrypted {} tensors ({:.1} MB) in {:.2} s -> {} (mode {}, key {}{rss})",
                 r.tensors,
                 r.bytes as f64 / 1e6,
                 r.seconds,
@@ -308,6 +314,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Proxy(a) => remote_cmds::proxy(&a)?,
         Command::Loadtest(a) => loadtest::run(&a)?,
         Command::BenchServe(a) => servebench::run(&a)?,
+        Command::BenchEncrypt(a) => bench_encrypt::run(&a)?,
     }
     Ok(())
 }

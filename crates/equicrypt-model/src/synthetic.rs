@@ -327,3 +327,146 @@ impl SyntheticLlama {
         w.finish()
     }
 }
+
+/// The shape of a synthetic transformers checkpoint (LLaMA layout, BF16), for the encryption
+/// scale benchmark: real sizes, pseudo-random weights.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HfShape {
+    /// Transformer blocks.
+    pub n_layers: usize,
+    /// Hidden size.
+    pub d_model: usize,
+    /// FFN width.
+    pub d_ff: usize,
+    /// Query heads.
+    pub n_head: usize,
+    /// Key/value heads.
+    pub n_kv_head: usize,
+    /// Vocabulary.
+    pub vocab: usize,
+    /// Untied `lm_head.weight`.
+    pub untied_head: bool,
+}
+
+impl HfShape {
+    /// Llama 3.2 1B: 16 blocks, hidden 2048, FFN 8192, 32/8 heads, vocabulary 128256, tied.
+    pub const LLAMA_1B: HfShape = HfShape {
+        n_layers: 16,
+        d_model: 2048,
+        d_ff: 8192,
+        n_head: 32,
+        n_kv_head: 8,
+        vocab: 128_256,
+        untied_head: false,
+    };
+    /// Llama 2 7B: 32 blocks, hidden 4096, FFN 11008, 32 heads, vocabulary 32000, untied.
+    pub const LLAMA_7B: HfShape = HfShape {
+        n_layers: 32,
+        d_model: 4096,
+        d_ff: 11008,
+        n_head: 32,
+        n_kv_head: 32,
+        vocab: 32_000,
+        untied_head: true,
+    };
+
+    /// Every tensor (transformers name, shape), in file order.
+    pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
+        let hd = self.d_model / self.n_head;
+        let (d, kv) = (self.d_model, self.n_kv_head * hd);
+        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, d])];
+        for l in 0..self.n_layers {
+            let p = |s: &str| format!("model.layers.{l}.{s}");
+            t.push((p("input_layernorm.weight"), vec![d]));
+            t.push((p("self_attn.q_proj.weight"), vec![d, d]));
+            t.push((p("self_attn.k_proj.weight"), vec![kv, d]));
+            t.push((p("self_attn.v_proj.weight"), vec![kv, d]));
+            t.push((p("self_attn.o_proj.weight"), vec![d, d]));
+            t.push((p("post_attention_layernorm.weight"), vec![d]));
+            t.push((p("mlp.gate_proj.weight"), vec![self.d_ff, d]));
+            t.push((p("mlp.up_proj.weight"), vec![self.d_ff, d]));
+            t.push((p("mlp.down_proj.weight"), vec![d, self.d_ff]));
+        }
+        t.push(("model.norm.weight".into(), vec![d]));
+        if self.untied_head {
+            t.push(("lm_head.weight".into(), vec![self.vocab, d]));
+        }
+        t
+    }
+
+    /// Bytes of the largest tensor (BF16).
+    pub fn largest_tensor_bytes(&self) -> u64 {
+        self.tensors()
+            .iter()
+            .map(|(_, s)| 2 * s.iter().product::<usize>() as u64)
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Writes the checkpoint into the new directory `dir` (config.json, BF16 shards of at most
+    /// `shard_bytes`, index), one tensor in memory at a time.
+    pub fn write_checkpoint(&self, dir: &Path, shard_bytes: u64) -> Result<(), ModelError> {
+        use crate::source::TensorSink;
+        std::fs::create_dir_all(dir).map_err(|e| ModelError::io(dir, e))?;
+        let mut shards: Vec<Vec<(String, Vec<usize>)>> = vec![Vec::new()];
+        let mut size = 0u64;
+        for (n, s) in self.tensors() {
+            let b = 2 * s.iter().product::<usize>() as u64;
+            if size + b > shard_bytes && !shards.last().is_some_and(Vec::is_empty) {
+                shards.push(Vec::new());
+                size = 0;
+            }
+            size += b;
+            shards.last_mut().expect("one shard").push((n, s));
+        }
+        let count = shards.len();
+        let mut weight_map = serde_json::Map::new();
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64;
+        for (k, tensors) in shards.iter().enumerate() {
+            let file = format!("model-{:05}-of-{count:05}.safetensors", k + 1);
+            let headers = tensors
+                .iter()
+                .map(|(n, s)| TensorHeader {
+                    name: n.clone(),
+                    dtype: GgmlDType::BF16,
+                    dims: s.clone(),
+                    size: 2 * s.iter().product::<usize>() as u64,
+                })
+                .collect();
+            let meta = std::collections::HashMap::from([("format".into(), "pt".into())]);
+            let mut sink = crate::SafetensorsSink::create(&dir.join(&file), &meta, headers)?;
+            for (n, s) in tensors {
+                let elems: usize = s.iter().product();
+                let mut data = Vec::with_capacity(2 * elems);
+                for _ in 0..elems {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    let v = ((seed >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 0.05;
+                    data.extend_from_slice(&half::bf16::from_f32(v).to_le_bytes());
+                }
+                sink.write_tensor(n, &data)?;
+                weight_map.insert(n.clone(), serde_json::json!(file));
+            }
+            sink.finish()?;
+        }
+        let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        let config = serde_json::json!({
+            "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+            "hidden_size": self.d_model, "intermediate_size": self.d_ff,
+            "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
+            "num_hidden_layers": self.n_layers, "vocab_size": self.vocab,
+            "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
+            "tie_word_embeddings": !self.untied_head, "torch_dtype": "bfloat16",
+            "bos_token_id": 1, "eos_token_id": 2,
+        });
+        for (name, v) in [
+            ("model.safetensors.index.json", index),
+            ("config.json", config),
+        ] {
+            let p = dir.join(name);
+            std::fs::write(&p, v.to_string()).map_err(|e| ModelError::io(&p, e))?;
+        }
+        Ok(())
+    }
+}
