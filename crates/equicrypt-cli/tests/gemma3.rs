@@ -76,41 +76,20 @@ fn gemma3_stock_file_is_bit_identical_in_stock_llamacpp() {
     }
     let _heavy = heavy_lock();
     let fx = Fixture::new(&plain); // default mode: stock
-    let text: String = include_str!("../data/eval.txt").chars().take(900).collect();
-    let prompts: Vec<&str> = include_str!("../data/prompts.txt")
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(3)
-        .collect();
-    let dir = fx.dir.path();
-    std::fs::write(dir.join("text.txt"), &text).unwrap();
-    std::fs::write(dir.join("prompts.txt"), prompts.join("\n")).unwrap();
-    let report = dir.join("report.json");
-    let out = Command::new(BIN)
-        .arg("verify")
-        .arg("--key")
-        .arg(&fx.key_path)
-        .arg("--plain")
-        .arg(&plain)
-        .arg("--encrypted")
-        .arg(&fx.enc)
-        .args(["--engine", "llamacpp", "--gen-tokens", "8"])
-        .arg("--text")
-        .arg(dir.join("text.txt"))
-        .arg("--prompts")
-        .arg(dir.join("prompts.txt"))
-        .arg("--json")
-        .arg(&report)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "verify failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, r) = support::verify_short_job(
+        fx.dir.path(),
+        &[
+            "--key".as_ref(),
+            fx.key_path.as_os_str(),
+            "--plain".as_ref(),
+            plain.as_os_str(),
+            "--encrypted".as_ref(),
+            fx.enc.as_os_str(),
+            "--engine".as_ref(),
+            "llamacpp".as_ref(),
+        ],
+        &[],
     );
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let l = &r["logits"];
     assert!(l["tokens"].as_u64().unwrap() > 150, "{r}");
     assert_eq!(l["bit_identical_rows"], l["tokens"], "{r}");

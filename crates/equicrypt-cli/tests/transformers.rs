@@ -8,11 +8,8 @@
 
 mod support;
 
-use std::process::Command;
 
 use equicrypt_test_support::{heavy_lock, hf_python, smollm2, smollm2_hf};
-use serde_json::Value;
-use support::BIN;
 
 #[test]
 fn encrypted_checkpoint_answers_as_the_plain_one_in_transformers() {
@@ -37,44 +34,23 @@ fn encrypted_checkpoint_answers_as_the_plain_one_in_transformers() {
         "--out".as_ref(),
         enc.as_os_str(),
     ]);
-    let text: String = include_str!("../data/eval.txt").chars().take(900).collect();
-    let prompts: Vec<&str> = include_str!("../data/prompts.txt")
-        .lines()
-        .filter(|l| !l.trim().is_empty())
-        .take(3)
-        .collect();
-    std::fs::write(dir.path().join("text.txt"), &text).unwrap();
-    std::fs::write(dir.path().join("prompts.txt"), prompts.join("\n")).unwrap();
-    let report = dir.path().join("report.json");
-    let out = Command::new(BIN)
-        .arg("verify")
-        .args(["--engine", "transformers", "--gen-tokens", "8"])
-        .arg("--key")
-        .arg(&key)
-        .arg("--plain")
-        .arg(&plain)
-        .arg("--encrypted")
-        .arg(&enc)
-        .arg("--tokenizer")
-        .arg(&gguf)
-        .arg("--text")
-        .arg(dir.path().join("text.txt"))
-        .arg("--prompts")
-        .arg(dir.path().join("prompts.txt"))
-        .arg("--json")
-        .arg(&report)
-        .env("EQUICRYPT_HF_PYTHON", &python)
-        .env("RAYON_NUM_THREADS", "1")
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "verify failed: {}\n{stdout}",
-        String::from_utf8_lossy(&out.stderr)
+    let (stdout, r) = support::verify_short_job(
+        dir.path(),
+        &[
+            "--engine".as_ref(),
+            "transformers".as_ref(),
+            "--key".as_ref(),
+            key.as_os_str(),
+            "--plain".as_ref(),
+            plain.as_os_str(),
+            "--encrypted".as_ref(),
+            enc.as_os_str(),
+            "--tokenizer".as_ref(),
+            gguf.as_os_str(),
+        ],
+        &[("EQUICRYPT_HF_PYTHON", python.as_os_str())],
     );
     println!("{stdout}");
-    let r: Value = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let l = &r["logits"];
     assert!(l["tokens"].as_u64().unwrap() > 150, "{r}");
     assert_eq!(l["top1_agreement"], 1.0, "{r}");

@@ -49,8 +49,8 @@ pub struct HfCheckpoint {
     config: Map<String, Value>,
     /// `config.json` flattened one level (`rope_scaling.factor`), for the config reader.
     flat: HashMap<String, Value>,
-    /// Shard file names, in order.
-    shards: Vec<String>,
+    /// Shard file names with their opened, validated sources, in order.
+    shards: Vec<(String, SafetensorsSource)>,
     /// The shard index, when the checkpoint is sharded.
     index: Option<Value>,
     dims: HashMap<String, Vec<usize>>,
@@ -127,11 +127,12 @@ impl HfCheckpoint {
             )));
         };
         let mut dims = HashMap::new();
-        for s in &shards {
-            let src = SafetensorsSource::open(&dir.join(s))?;
+        let mut sources = Vec::with_capacity(shards.len());
+        for s in shards {
+            let src = SafetensorsSource::open(&dir.join(&s))?;
             for t in src.tensor_infos() {
                 if let Some(claimed) = &claimed {
-                    if claimed.get(&t.name) != Some(s) {
+                    if claimed.get(&t.name) != Some(&s) {
                         return Err(ModelError::Metadata(format!(
                             "{INDEX} does not place tensor '{}' in shard '{s}', which holds it",
                             t.name
@@ -145,6 +146,7 @@ impl HfCheckpoint {
                     )));
                 }
             }
+            sources.push((s, src));
         }
         if let Some(claimed) = &claimed {
             if let Some(name) = claimed.keys().find(|n| !dims.contains_key(*n)) {
@@ -157,7 +159,7 @@ impl HfCheckpoint {
             dir: dir.to_path_buf(),
             config,
             flat,
-            shards,
+            shards: sources,
             index,
             dims,
         })
@@ -169,8 +171,8 @@ impl HfCheckpoint {
     }
 
     /// Shard file names, in order.
-    pub fn shards(&self) -> &[String] {
-        &self.shards
+    pub fn shards(&self) -> Vec<&str> {
+        self.shards.iter().map(|(n, _)| n.as_str()).collect()
     }
 
     /// Whether the checkpoint was written by [`encrypt_hf`].
@@ -286,7 +288,7 @@ pub fn encrypt_hf(
     if output.exists() {
         return Err(ModelError::OutputExists(output.display().to_string()));
     }
-    let ck = HfCheckpoint::open(input)?;
+    let mut ck = HfCheckpoint::open(input)?;
     if ck.is_encrypted() {
         return Err(ModelError::AlreadyEncrypted(input.display().to_string()));
     }
@@ -294,10 +296,9 @@ pub fn encrypt_hf(
     let config = family.read_config(&ck)?;
     let plan = LlamaPlan::derive(key, config, opts.mode)?;
     let mut shard_jobs = Vec::with_capacity(ck.shards.len());
-    for s in &ck.shards {
-        let src = SafetensorsSource::open(&ck.dir.join(s))?;
+    for (name, src) in std::mem::take(&mut ck.shards) {
         let jobs = plan_jobs(&family, &plan, &src)?;
-        shard_jobs.push((s.clone(), src, jobs));
+        shard_jobs.push((name, src, jobs));
     }
     let parent = match output.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

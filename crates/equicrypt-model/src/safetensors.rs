@@ -44,6 +44,7 @@ fn to_st(d: GgmlDType) -> Option<Dtype> {
 }
 
 /// An opened, validated safetensors file.
+#[derive(Debug)]
 pub struct SafetensorsSource {
     path: PathBuf,
     file: File,

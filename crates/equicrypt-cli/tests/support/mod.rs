@@ -372,3 +372,48 @@ pub fn words(text: &str, min: usize) -> Vec<String> {
 pub fn json_ids(ids: &[u32]) -> String {
     serde_json::to_string(ids).unwrap()
 }
+
+/// Runs `equicrypt verify` as a short job (the first 900 characters of the built-in text, the
+/// first 3 built-in prompts, 8 generated tokens) with `extra` arguments (`--engine …`, files) in
+/// the temporary directory `dir`; panics unless it exits 0, and returns its stdout and the JSON
+/// report.
+pub fn verify_short_job(
+    dir: &Path,
+    extra: &[&std::ffi::OsStr],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> (String, serde_json::Value) {
+    let text: String = include_str!("../../data/eval.txt")
+        .chars()
+        .take(900)
+        .collect();
+    let prompts: Vec<&str> = include_str!("../../data/prompts.txt")
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .take(3)
+        .collect();
+    std::fs::write(dir.join("text.txt"), &text).unwrap();
+    std::fs::write(dir.join("prompts.txt"), prompts.join("\n")).unwrap();
+    let report = dir.join("report.json");
+    let out = Command::new(BIN)
+        .arg("verify")
+        .args(extra)
+        .args(["--gen-tokens", "8"])
+        .arg("--text")
+        .arg(dir.join("text.txt"))
+        .arg("--prompts")
+        .arg(dir.join("prompts.txt"))
+        .arg("--json")
+        .arg(&report)
+        .envs(env.iter().copied())
+        .env("RAYON_NUM_THREADS", "1")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "verify failed: {}\n{stdout}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    (stdout, r)
+}
