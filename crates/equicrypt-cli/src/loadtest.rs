@@ -32,7 +32,8 @@ pub struct LoadtestArgs {
     /// Key file.
     #[arg(long)]
     key: PathBuf,
-    /// Plaintext GGUF whose tokenizer and chat template the client uses.
+    /// Plaintext model whose tokenizer and chat template the client uses: a GGUF, or a
+    /// transformers checkpoint directory.
     #[arg(long)]
     tokenizer: PathBuf,
     /// Blind server URL (loopback only: 127.0.0.0/8 or [::1]).

@@ -145,10 +145,18 @@ struct GenerateArgs {
     /// Key file.
     #[arg(long)]
     key: PathBuf,
-    /// Encrypted GGUF.
+    /// Encrypted GGUF, run in this process (or give --server).
+    #[arg(long, required_unless_present = "server", conflicts_with = "server")]
+    model: Option<PathBuf>,
+    /// Blind server URL: generate through it instead of a local model (the server sees only
+    /// ciphertext ids).
     #[arg(long)]
-    model: PathBuf,
-    /// Plaintext GGUF whose tokenizer and chat template the client uses.
+    server: Option<String>,
+    /// Server kind (with --server).
+    #[arg(long, value_enum, default_value = "equicrypt", requires = "server")]
+    backend: remote_cmds::BackendArg,
+    /// Plaintext model whose tokenizer and chat template the client uses: a GGUF, or a
+    /// transformers checkpoint directory.
     #[arg(long)]
     tokenizer: PathBuf,
     /// Prompt text.
@@ -382,9 +390,30 @@ fn inspect_cmd(file: &Path, json: bool) -> Result<()> {
 }
 
 fn generate_cmd(a: &GenerateArgs) -> Result<()> {
+    let Some(model) = &a.model else {
+        let server = a.server.clone().unwrap_or_default();
+        let remote = remote_cmds::RemoteArgs {
+            key: a.key.clone(),
+            tokenizer: a.tokenizer.clone(),
+            server,
+            backend: a.backend,
+            session: a.session.clone(),
+        };
+        let s = &a.sampling;
+        let params = equicrypt_client::remote::GenerateParams {
+            max_tokens: a.max_tokens,
+            temperature: s.temperature,
+            top_k: s.top_k,
+            top_p: s.top_p,
+            seed: s.seed,
+            repeat_penalty: s.repeat_penalty,
+            ..Default::default()
+        };
+        return remote_cmds::generate_once(&remote, &a.prompt, a.raw, params, a.show_ciphertext);
+    };
     let key = keyfile::read(&a.key)?;
-    session::check_session(&a.model, a.session.as_deref())?;
-    let mut engine = load_encrypted(&a.model, &key)?;
+    session::check_session(model, a.session.as_deref())?;
+    let mut engine = load_encrypted(model, &key)?;
     let client = ClientSide::load_session(&a.tokenizer, &key, a.session.as_deref())?;
     let text = client.prompt_text(&a.prompt, a.raw)?;
     let cipher_prompt = client.cipher.encrypt_prompt(&text, true)?;

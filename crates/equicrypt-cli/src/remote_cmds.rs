@@ -22,6 +22,9 @@ pub enum BackendArg {
     /// llama.cpp's `llama-server` (token-id prompts; start it with `--alias` holding the key
     /// fingerprint so the client can check it).
     Llamacpp,
+    /// vLLM's OpenAI server on an encrypted transformers checkpoint (start it with
+    /// `--skip-tokenizer-init --served-model-name <fingerprint>`).
+    Vllm,
 }
 
 impl From<BackendArg> for Backend {
@@ -29,6 +32,7 @@ impl From<BackendArg> for Backend {
         match b {
             BackendArg::Equicrypt => Backend::Equicrypt,
             BackendArg::Llamacpp => Backend::LlamaCpp,
+            BackendArg::Vllm => Backend::Vllm,
         }
     }
 }
@@ -38,20 +42,21 @@ impl From<BackendArg> for Backend {
 pub struct RemoteArgs {
     /// Key file.
     #[arg(long)]
-    key: PathBuf,
-    /// Plaintext GGUF whose tokenizer and chat template the client uses.
+    pub key: PathBuf,
+    /// Plaintext model whose tokenizer and chat template the client uses: a GGUF, or a
+    /// transformers checkpoint directory.
     #[arg(long)]
-    tokenizer: PathBuf,
+    pub tokenizer: PathBuf,
     /// Blind server URL.
     #[arg(long, default_value = "http://127.0.0.1:8080")]
-    server: String,
+    pub server: String,
     /// Server kind.
     #[arg(long, value_enum, default_value = "equicrypt")]
-    backend: BackendArg,
+    pub backend: BackendArg,
     /// Session label of the served model (written by `rekey`): ids use the session permutation.
     /// An equicrypt server reporting another session (or none) is refused before any prompt.
     #[arg(long)]
-    session: Option<String>,
+    pub session: Option<String>,
 }
 
 /// Arguments of `chat`.
@@ -182,6 +187,44 @@ pub fn chat(a: &ChatArgs) -> Result<()> {
                 );
             }
             history.push(ChatMessage::new("assistant", result.text.trim()));
+        }
+        Ok(())
+    })
+}
+
+/// Runs `generate --server`: one blind generation of `prompt` (through the chat template unless
+/// `raw`), printed as it streams.
+pub fn generate_once(
+    a: &RemoteArgs,
+    prompt: &str,
+    raw: bool,
+    params: GenerateParams,
+    show_ciphertext: bool,
+) -> Result<()> {
+    runtime()?.block_on(async {
+        let (side, client, _, _) = connect(a).await?;
+        let text = side.prompt_text(prompt, raw)?;
+        let blind = BlindChat::new(&side.cipher, &client);
+        let mut out = std::io::stdout();
+        let result = blind
+            .generate(&text, params, |piece, _| {
+                let _ = out.write_all(piece.as_bytes());
+                let _ = out.flush();
+            })
+            .await
+            .with_context(|| format!("server {}", a.server))?;
+        println!();
+        if show_ciphertext {
+            println!(
+                "ciphertext prompt ids ({}): {:?}",
+                result.prompt_cipher_ids.len(),
+                result.prompt_cipher_ids
+            );
+            println!(
+                "ciphertext output ids ({}): {:?}",
+                result.cipher_ids.len(),
+                result.cipher_ids
+            );
         }
         Ok(())
     })

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use equicrypt_client::{ChatMessage, ChatTemplate, CipherSession, GgufTokenizer};
+use equicrypt_client::{ChatMessage, ChatTemplate, CipherSession, ClientError, GgufTokenizer};
 use equicrypt_core::{SecretKey, VocabPermutation};
 use equicrypt_engine::LlamaModel;
 use equicrypt_model::{EncryptedModelInfo, GgufFile};
@@ -15,10 +15,10 @@ pub struct ModelPair {
     /// Key file.
     #[arg(long)]
     pub key: std::path::PathBuf,
-    /// Plaintext GGUF.
+    /// Plaintext GGUF (`verify --engine transformers`: a transformers checkpoint directory).
     #[arg(long)]
     pub plain: std::path::PathBuf,
-    /// Encrypted GGUF.
+    /// Encrypted GGUF (`verify --engine transformers`: an encrypted checkpoint directory).
     #[arg(long)]
     pub encrypted: std::path::PathBuf,
 }
@@ -44,7 +44,8 @@ pub fn load_plain(path: &Path) -> Result<LlamaModel> {
     LlamaModel::load(path).with_context(|| format!("cannot load {}", path.display()))
 }
 
-/// Tokenizer, chat template and id cipher built from the plaintext model's metadata.
+/// Tokenizer, chat template and id cipher built from the plaintext model: a GGUF's metadata or a
+/// transformers checkpoint directory's tokenizer files.
 pub struct ClientSide {
     /// Tokenizer plus vocabulary permutation.
     pub cipher: CipherSession,
@@ -53,7 +54,8 @@ pub struct ClientSide {
 }
 
 impl ClientSide {
-    /// Builds the client side from the plaintext GGUF at `tokenizer_path`.
+    /// Builds the client side from the plaintext model at `tokenizer_path`: a GGUF file, or a
+    /// Hugging Face transformers checkpoint directory (`config.json`, `tokenizer.json`, ...).
     pub fn load(tokenizer_path: &Path, key: &SecretKey) -> Result<Self> {
         Self::load_session(tokenizer_path, key, None)
     }
@@ -65,16 +67,22 @@ impl ClientSide {
         key: &SecretKey,
         session: Option<&str>,
     ) -> Result<Self> {
-        let f = GgufFile::open(tokenizer_path)?;
-        if equicrypt_model::is_encrypted(&f) {
-            anyhow::bail!(
-                "{} is an encrypted model: --tokenizer needs the plaintext model (it holds the vocabulary)",
-                tokenizer_path.display()
-            );
-        }
-        let tok = GgufTokenizer::from_content(&f.content)
-            .with_context(|| format!("{}: cannot build the tokenizer", tokenizer_path.display()))?;
-        let template = ChatTemplate::from_content(&f.content).ok();
+        let (tok, template) = if tokenizer_path.is_dir() {
+            load_hf_dir(tokenizer_path)?
+        } else {
+            let f = GgufFile::open(tokenizer_path)?;
+            if equicrypt_model::is_encrypted(&f) {
+                anyhow::bail!(
+                    "{} is an encrypted model: --tokenizer needs the plaintext model (it holds the vocabulary)",
+                    tokenizer_path.display()
+                );
+            }
+            let tok = GgufTokenizer::from_content(&f.content).with_context(|| {
+                format!("{}: cannot build the tokenizer", tokenizer_path.display())
+            })?;
+            let template = ChatTemplate::from_content(&f.content).ok();
+            (tok, template)
+        };
         let cipher = match session {
             None => CipherSession::from_key(tok, key),
             Some(label) => {
@@ -93,6 +101,21 @@ impl ClientSide {
             _ => Ok(prompt.to_string()),
         }
     }
+}
+
+/// Tokenizer and chat template of a plaintext transformers checkpoint directory (errors name the
+/// file; a template that does not compile is dropped, as for a GGUF).
+fn load_hf_dir(dir: &Path) -> Result<(GgufTokenizer, Option<ChatTemplate>)> {
+    let tok = match GgufTokenizer::from_hf_dir(dir) {
+        Ok(tok) => tok,
+        Err(ClientError::EncryptedHfCheckpoint { .. }) => anyhow::bail!(
+            "{} is an encrypted checkpoint: --tokenizer needs the plaintext model (it holds the vocabulary)",
+            dir.display()
+        ),
+        Err(e) => return Err(e.into()),
+    };
+    let template = ChatTemplate::from_hf_dir(dir, &tok).ok().flatten();
+    Ok((tok, template))
 }
 
 /// Errors unless the model at `path` is the session model of `session` (or, with `None`, not a

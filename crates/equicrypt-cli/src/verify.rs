@@ -43,8 +43,8 @@ pub struct VerifyArgs {
     /// or `transformers` (PyTorch CPU; `--plain` and `--encrypted` are checkpoint directories).
     #[arg(long, default_value = "equicrypt")]
     engine: String,
-    /// Plaintext GGUF whose tokenizer and chat template the client uses (default: `--plain`;
-    /// needed with `--engine transformers` until the client reads Hugging Face tokenizers).
+    /// Plaintext model whose tokenizer and chat template the client uses: a GGUF, or a
+    /// transformers checkpoint directory (default: `--plain`).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
 }

@@ -12,7 +12,6 @@
 
 mod support;
 
-use std::io::Write;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -22,7 +21,7 @@ use equicrypt_test_support::{
     ChildGuard, Margin,
 };
 use serde_json::{json, Value};
-use support::{Fixture, Proc, BIN};
+use support::{Fixture, Proc};
 
 /// The chat prompt (Gemma's built-in template): greedy margin ≥ 1.47 over 16 tokens.
 const USER: &str = "Continue the sequence: 1, 2, 3, 4, 5,";
@@ -34,35 +33,19 @@ fn reference(plain: &std::path::Path) -> Margin {
     m
 }
 
-/// Runs `equicrypt chat` with `input` on stdin; returns stdout.
+/// Runs `equicrypt chat` with the prompt on stdin; returns stdout.
 fn chat(fx: &Fixture, server: &str, extra: &[&str]) -> String {
-    let mut child = Command::new(BIN)
-        .arg("chat")
-        .arg("--key")
-        .arg(&fx.key_path)
-        .arg("--tokenizer")
-        .arg(&fx.plain)
-        .args(["--server", server, "--max-tokens", &GEN.to_string()])
-        .args(extra)
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(format!("{USER}\n/quit\n").as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(o.status.success(), "chat failed: {err}\n{out}");
-    out
+    let gen = GEN.to_string();
+    let mut args = vec!["--max-tokens", gen.as_str()];
+    args.extend_from_slice(extra);
+    support::run_chat(
+        &fx.key_path,
+        &fx.plain,
+        server,
+        &args,
+        &format!("{USER}\n/quit\n"),
+    )
+    .0
 }
 
 #[test]

@@ -421,33 +421,9 @@ async fn client_refuses_a_server_with_another_key_before_any_prompt() {
 
 /// Runs `equicrypt chat` against `server` with `input` on stdin.
 fn chat(fx: &Fixture, server: &str, extra: &[&str], input: &str) -> (String, String) {
-    let mut child = Command::new(support::BIN)
-        .arg("chat")
-        .arg("--key")
-        .arg(&fx.key_path)
-        .arg("--tokenizer")
-        .arg(&fx.plain)
-        .args(["--server", server, "--max-tokens", "48"])
-        .args(extra)
-        .env("RAYON_NUM_THREADS", "1")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(input.as_bytes())
-        .unwrap();
-    let o = child.wait_with_output().unwrap();
-    let (out, err) = (
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    );
-    assert!(o.status.success(), "chat failed: {err}\n{out}");
-    (out, err)
+    let mut args = vec!["--max-tokens", "48"];
+    args.extend_from_slice(extra);
+    support::run_chat(&fx.key_path, &fx.plain, server, &args, input)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

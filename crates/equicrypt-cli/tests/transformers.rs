@@ -8,7 +8,6 @@
 
 mod support;
 
-
 use equicrypt_test_support::{heavy_lock, hf_python, smollm2, smollm2_hf};
 
 #[test]

@@ -6,8 +6,12 @@
 //! * [`GgufTokenizer`]: a tokenizer built from a plaintext GGUF file's `tokenizer.*` metadata whose
 //!   output matches llama.cpp's `llama_tokenize` exactly (byte-level BPE with the
 //!   `tokenizer.ggml.pre` pre-tokenizer, or SentencePiece with scores and byte fallback;
-//!   special-token partitioning);
-//! * [`ChatTemplate`]: renders `tokenizer.chat_template` (Jinja, HF-compatible settings);
+//!   special-token partitioning), or from a plaintext Hugging Face transformers checkpoint
+//!   directory ([`GgufTokenizer::from_hf_dir`]: byte-level BPE from `tokenizer.json`, special
+//!   ids from `config.json` / `generation_config.json` / `tokenizer_config.json`);
+//! * [`ChatTemplate`]: renders `tokenizer.chat_template` (Jinja, HF-compatible settings), or a
+//!   checkpoint directory's `chat_template.jinja` / `tokenizer_config.json` template
+//!   ([`ChatTemplate::from_hf_dir`]);
 //! * [`StreamDecoder`]: incremental detokenization that only ever emits complete UTF-8;
 //! * [`CipherSession`]: tokenizer + [`equicrypt_core::VocabPermutation`] — encrypts prompts into
 //!   ciphertext ids and decrypts/detokenizes a stream of ciphertext ids.
@@ -17,11 +21,12 @@
 //!   decrypts a completion.
 //!
 //! Apart from [`remote`], this crate does no networking; the only file I/O is reading GGUF
-//! metadata.
+//! metadata and a checkpoint directory's JSON / Jinja files.
 
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod hf_dir;
 #[cfg(feature = "remote")]
 pub mod remote;
 mod session;
@@ -30,6 +35,7 @@ mod stream;
 mod template;
 mod tokenizer;
 
+pub use hf_dir::HF_ENCRYPTED_CONFIG_KEY;
 pub use session::{CipherSession, CipherStreamDecoder};
 pub use stream::StreamDecoder;
 pub use template::{ChatMessage, ChatTemplate, CHAT_TEMPLATE_KEY};
@@ -48,6 +54,50 @@ pub enum ClientError {
         path: String,
         /// What went wrong.
         reason: String,
+    },
+    /// A Hugging Face checkpoint directory lacks a required file (`config.json` or
+    /// `tokenizer.json`).
+    #[error("'{dir}' has no {file} (a transformers checkpoint directory needs config.json and tokenizer.json)")]
+    HfFileMissing {
+        /// The checkpoint directory.
+        dir: String,
+        /// The missing file's name.
+        file: String,
+    },
+    /// A file of a Hugging Face checkpoint directory cannot be read or is not valid JSON (also:
+    /// the path is not a directory).
+    #[error("cannot read '{path}': {reason}")]
+    HfFileRead {
+        /// The file (or directory) that was being read.
+        path: String,
+        /// What went wrong.
+        reason: String,
+    },
+    /// A file of a Hugging Face checkpoint directory is valid JSON but unusable (a wrong type,
+    /// a missing `vocab_size`, a vocabulary larger than `vocab_size`, ...).
+    #[error("'{path}' is invalid: {reason}")]
+    BadHfFile {
+        /// The offending file.
+        path: String,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// `tokenizer.json` holds a tokenizer this crate does not implement from a checkpoint
+    /// directory (supported: byte-level BPE).
+    #[error("'{path}' holds an unsupported tokenizer: {reason} (supported: byte-level BPE)")]
+    UnsupportedHfTokenizer {
+        /// The `tokenizer.json` file.
+        path: String,
+        /// What is not supported.
+        reason: String,
+    },
+    /// The checkpoint directory is an *encrypted* one (its `config.json` has an
+    /// [`HF_ENCRYPTED_CONFIG_KEY`] record, its tokenizer is a placeholder): the client needs the
+    /// plaintext checkpoint, which holds the vocabulary.
+    #[error("'{dir}' is an encrypted checkpoint (its config.json has an 'equicrypt' record): the tokenizer must come from the plaintext checkpoint, which holds the vocabulary")]
+    EncryptedHfCheckpoint {
+        /// The checkpoint directory.
+        dir: String,
     },
     /// A required metadata key is absent.
     #[error("GGUF metadata key '{0}' is missing")]
@@ -146,11 +196,15 @@ pub enum ClientError {
         client: Option<String>,
     },
     /// The server reports no key fingerprint, so the key cannot be checked; no prompt was sent.
-    #[error("the server at {url} reports no key fingerprint, so its model cannot be checked against this key; no prompt was sent (llama-server: start it with --alias <fingerprint>)")]
+    #[error("the server at {url} reports no key fingerprint, so its model cannot be checked against this key; no prompt was sent (llama-server: start it with --alias <fingerprint>; vLLM: --served-model-name <fingerprint>)")]
     FingerprintUnavailable {
         /// The server's base URL.
         url: String,
     },
+    /// The request asks for something the backend cannot do (e.g. log-probabilities from vLLM
+    /// serving an encrypted checkpoint without a tokenizer); nothing was sent.
+    #[error("unsupported by this server: {0}")]
+    Unsupported(String),
 }
 
 fn describe_session(s: &Option<String>) -> String {

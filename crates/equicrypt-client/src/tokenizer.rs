@@ -192,6 +192,10 @@ pub enum PreTokenizerKind {
     /// `[\p{P}$+<=>^~|]+`, GPT-2, `\p{N}+`, `[0-9][0-9][0-9]`. SPM tokenizers always report
     /// this (they have no pre-tokenizer; llama.cpp ignores the key for them).
     Default,
+    /// The normalizer and pre-tokenizer of a Hugging Face `tokenizer.json`, run by the
+    /// `tokenizers` crate as transformers' fast tokenizer runs them (tokenizers built by
+    /// [`GgufTokenizer::from_hf_dir`]).
+    TokenizerJson,
 }
 
 impl PreTokenizerKind {
@@ -217,6 +221,8 @@ impl PreTokenizerKind {
                 r"\p{N}+",
                 r"[0-9][0-9][0-9]",
             ],
+            // Never built from GGUF metadata: the pipeline comes from `tokenizer.json`.
+            Self::TokenizerJson => &[],
         }
     }
 }
@@ -231,7 +237,8 @@ enum Backend {
 }
 
 /// A tokenizer reconstructed from GGUF metadata (byte-level BPE or SentencePiece), matching
-/// llama.cpp.
+/// llama.cpp, or built from a Hugging Face checkpoint directory ([`GgufTokenizer::from_hf_dir`]:
+/// byte-level BPE with `tokenizer.json`'s own pipeline, special tokens handled as for a GGUF).
 ///
 /// Immutable after construction and cheap to share by reference (`Sync`).
 #[derive(Clone)]
@@ -442,14 +449,38 @@ fn spm_token_byte(text: &str) -> u8 {
     value
 }
 
-/// The `tokenizers` BPE pipeline of a `gpt2` vocabulary and the decoded piece of every token.
+/// The decoded piece of every token of a byte-level BPE vocabulary: normal tokens with the
+/// byte-level mapping undone, byte tokens their byte, special tokens their literal text,
+/// unused/undefined tokens nothing.
+fn byte_level_pieces(texts: &[String], attrs: &[TokenAttr]) -> Vec<Vec<u8>> {
+    let table = byte_to_char_table();
+    let char_to_byte: HashMap<char, u8> = table
+        .iter()
+        .enumerate()
+        .map(|(b, &c)| (c, b as u8))
+        .collect();
+    texts
+        .iter()
+        .zip(attrs)
+        .map(|(t, a)| match a {
+            TokenAttr::Normal => byte_level_decode(t, &char_to_byte),
+            TokenAttr::Control | TokenAttr::Unknown | TokenAttr::UserDefined => {
+                t.as_bytes().to_vec()
+            }
+            TokenAttr::Byte => parse_byte_token(t)
+                .map(|b| vec![b])
+                .unwrap_or_else(|| byte_level_decode(t, &char_to_byte)),
+            TokenAttr::Unused | TokenAttr::Undefined => Vec::new(),
+        })
+        .collect()
+}
+
+/// The `tokenizers` BPE pipeline of a `gpt2` vocabulary.
 fn build_bpe(
     md: &HashMap<String, Value>,
     pre: PreTokenizerKind,
     vocab: HashMap<String, u32>,
-    texts: &[String],
-    attrs: &[TokenAttr],
-) -> Result<(Tokenizer, Vec<Vec<u8>>)> {
+) -> Result<Tokenizer> {
     let merges = get_str_array(md, KEY_MERGES)?
         .into_iter()
         .map(|m| {
@@ -463,27 +494,6 @@ fn build_bpe(
             Ok((m[..pos].to_string(), m[pos + 1..].to_string()))
         })
         .collect::<Result<Vec<_>>>()?;
-
-    let table = byte_to_char_table();
-    let char_to_byte: HashMap<char, u8> = table
-        .iter()
-        .enumerate()
-        .map(|(b, &c)| (c, b as u8))
-        .collect();
-    let pieces = texts
-        .iter()
-        .zip(attrs)
-        .map(|(t, a)| match a {
-            TokenAttr::Normal => byte_level_decode(t, &char_to_byte),
-            TokenAttr::Control | TokenAttr::Unknown | TokenAttr::UserDefined => {
-                t.as_bytes().to_vec()
-            }
-            TokenAttr::Byte => parse_byte_token(t)
-                .map(|b| vec![b])
-                .unwrap_or_else(|| byte_level_decode(t, &char_to_byte)),
-            TokenAttr::Unused | TokenAttr::Undefined => Vec::new(),
-        })
-        .collect();
 
     let bpe = BPE::builder()
         .vocab_and_merges(vocab.into_iter().collect::<BpeVocab>(), merges)
@@ -505,7 +515,122 @@ fn build_bpe(
     let mut raw = Tokenizer::new(bpe);
     raw.with_pre_tokenizer(Some(Sequence::new(steps)));
     raw.with_decoder(Some(ByteLevelDecoder::default()));
-    Ok((raw, pieces))
+    Ok(raw)
+}
+
+/// Special ids a tokenizer's source names explicitly (each `< vocab_size`, or `None`).
+#[derive(Debug, Default)]
+pub(crate) struct ExplicitSpecials {
+    pub(crate) bos: Option<u32>,
+    pub(crate) eos: Option<u32>,
+    pub(crate) unk: Option<u32>,
+    pub(crate) eot: Option<u32>,
+    pub(crate) eom: Option<u32>,
+    pub(crate) fim_pad: Option<u32>,
+    pub(crate) fim_rep: Option<u32>,
+    pub(crate) fim_sep: Option<u32>,
+    /// Further end-of-generation ids (e.g. every id of a Hugging Face `eos_token_id` list);
+    /// ids outside the vocabulary are ignored.
+    pub(crate) extra_eog: Vec<u32>,
+}
+
+/// The resolved special tokens of a vocabulary.
+struct Specials {
+    bos: Option<u32>,
+    eos: Option<u32>,
+    unk: Option<u32>,
+    eog: Vec<u32>,
+    special_order: Vec<u32>,
+}
+
+/// llama.cpp's special-token resolution (`llama_vocab::impl::load`): EOT / EOM / FIM ids
+/// auto-detected by text where not given, control-looking tokens promoted to control type, the
+/// end-of-generation set with llama.cpp's workarounds, forced user-defined tokens, and the
+/// partition order (longest text first, ties by id).
+fn resolve_specials(texts: &[String], attrs: &mut [TokenAttr], ex: ExplicitSpecials) -> Specials {
+    let n = texts.len();
+    let find_text = |list: &[&str]| {
+        texts
+            .iter()
+            .position(|t| list.contains(&t.as_str()))
+            .map(|i| i as u32)
+    };
+    let eot = ex.eot.or_else(|| find_text(EOT_TEXTS));
+    let eom = ex.eom.or_else(|| find_text(EOM_TEXTS));
+    let fim_pad = ex.fim_pad.or_else(|| find_text(FIM_PAD_TEXTS));
+    let fim_rep = ex.fim_rep.or_else(|| find_text(FIM_REP_TEXTS));
+    let fim_sep = ex.fim_sep.or_else(|| find_text(FIM_SEP_TEXTS));
+
+    // llama.cpp promotes control-looking tokens to control type (it sets the CONTROL bit:
+    // a user-defined token so marked, e.g. Gemma's `</s>`, then behaves as a control token:
+    // matched only with `parse_special`, hidden when special tokens are not rendered).
+    let promote: Vec<&[&str]> = vec![
+        EOT_TEXTS,
+        EOM_TEXTS,
+        FIM_PAD_TEXTS,
+        FIM_REP_TEXTS,
+        FIM_SEP_TEXTS,
+        EOG_TEXTS,
+    ];
+    for (i, t) in texts.iter().enumerate() {
+        if promote.iter().any(|l| l.contains(&t.as_str())) && attrs[i] != TokenAttr::Unknown {
+            attrs[i] = TokenAttr::Control;
+        }
+    }
+
+    let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
+    eog.extend(
+        texts
+            .iter()
+            .enumerate()
+            .filter(|(_, t)| EOG_TEXTS.contains(&t.as_str()))
+            .map(|(i, _)| i as u32),
+    );
+    eog.extend([ex.eos, eot, eom].into_iter().flatten());
+    eog.extend(ex.extra_eog.iter().copied().filter(|&i| (i as usize) < n));
+    eog.sort_unstable();
+    eog.dedup();
+    let has = |eog: &[u32], s: &str| eog.iter().any(|&i| texts[i as usize] == s);
+    // llama.cpp workarounds: o200k_harmony / solar-open "<|end|>", gemma4 / paddleocr "</s>".
+    if (has(&eog, "<|return|>") && has(&eog, "<|call|>") && has(&eog, "<|end|>"))
+        || (has(&eog, "<|calls|>") && has(&eog, "<|flush|>") && has(&eog, "<|end|>"))
+    {
+        eog.retain(|&i| {
+            if texts[i as usize] == "<|end|>" {
+                attrs[i as usize] = TokenAttr::UserDefined;
+                false
+            } else {
+                true
+            }
+        });
+    }
+    if has(&eog, "<|tool_response>") && has(&eog, "</s>") {
+        eog.retain(|&i| {
+            if texts[i as usize] == "</s>" {
+                attrs[i as usize] = TokenAttr::Normal;
+                false
+            } else {
+                true
+            }
+        });
+    }
+    for (i, t) in texts.iter().enumerate() {
+        if FORCED_USER_DEFINED.contains(&t.as_str()) {
+            attrs[i] = TokenAttr::UserDefined;
+        }
+    }
+
+    let mut special_order: Vec<u32> = (0..n as u32)
+        .filter(|&i| attrs[i as usize].is_special())
+        .collect();
+    special_order.sort_by_key(|&i| std::cmp::Reverse(texts[i as usize].len()));
+    Specials {
+        bos: ex.bos,
+        eos: ex.eos,
+        unk: ex.unk,
+        eog,
+        special_order,
+    }
 }
 
 /// The set of bytes and of adjacent byte pairs of a text.
@@ -629,87 +754,29 @@ impl GgufTokenizer {
         // then llama.cpp's text-based auto-detection.
         let spm_default =
             |id: u32| Some(id).filter(|&id| model == TokenizerModel::Spm && (id as usize) < n);
-        let bos = opt_token_id(md, KEY_BOS, n)?.or_else(|| spm_default(1));
-        let eos = opt_token_id(md, KEY_EOS, n)?.or_else(|| spm_default(2));
-        let unk = opt_token_id(md, KEY_UNK, n)?.or_else(|| spm_default(0));
-        let find_text = |list: &[&str]| {
-            texts
-                .iter()
-                .position(|t| list.contains(&t.as_str()))
-                .map(|i| i as u32)
+        let explicit = ExplicitSpecials {
+            bos: opt_token_id(md, KEY_BOS, n)?.or_else(|| spm_default(1)),
+            eos: opt_token_id(md, KEY_EOS, n)?.or_else(|| spm_default(2)),
+            unk: opt_token_id(md, KEY_UNK, n)?.or_else(|| spm_default(0)),
+            eot: opt_token_id(md, KEY_EOT, n)?,
+            eom: opt_token_id(md, KEY_EOM, n)?,
+            fim_pad: opt_token_id(md, KEY_FIM_PAD, n)?,
+            fim_rep: opt_token_id(md, KEY_FIM_REP, n)?,
+            fim_sep: opt_token_id(md, KEY_FIM_SEP, n)?,
+            extra_eog: Vec::new(),
         };
-        let eot = opt_token_id(md, KEY_EOT, n)?.or_else(|| find_text(EOT_TEXTS));
-        let eom = opt_token_id(md, KEY_EOM, n)?.or_else(|| find_text(EOM_TEXTS));
-        let fim_pad = opt_token_id(md, KEY_FIM_PAD, n)?.or_else(|| find_text(FIM_PAD_TEXTS));
-        let fim_rep = opt_token_id(md, KEY_FIM_REP, n)?.or_else(|| find_text(FIM_REP_TEXTS));
-        let fim_sep = opt_token_id(md, KEY_FIM_SEP, n)?.or_else(|| find_text(FIM_SEP_TEXTS));
-
-        // llama.cpp promotes control-looking tokens to control type (it sets the CONTROL bit:
-        // a user-defined token so marked, e.g. Gemma's `</s>`, then behaves as a control token:
-        // matched only with `parse_special`, hidden when special tokens are not rendered).
-        let promote: Vec<&[&str]> = vec![
-            EOT_TEXTS,
-            EOM_TEXTS,
-            FIM_PAD_TEXTS,
-            FIM_REP_TEXTS,
-            FIM_SEP_TEXTS,
-            EOG_TEXTS,
-        ];
-        for (i, t) in texts.iter().enumerate() {
-            if promote.iter().any(|l| l.contains(&t.as_str())) && attrs[i] != TokenAttr::Unknown {
-                attrs[i] = TokenAttr::Control;
-            }
-        }
-
-        let mut eog: Vec<u32> = [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
-        eog.extend(
-            texts
-                .iter()
-                .enumerate()
-                .filter(|(_, t)| EOG_TEXTS.contains(&t.as_str()))
-                .map(|(i, _)| i as u32),
-        );
-        eog.extend([eos, eot, eom].into_iter().flatten());
-        eog.sort_unstable();
-        eog.dedup();
-        let has = |eog: &[u32], s: &str| eog.iter().any(|&i| texts[i as usize] == s);
-        // llama.cpp workarounds: o200k_harmony / solar-open "<|end|>", gemma4 / paddleocr "</s>".
-        if (has(&eog, "<|return|>") && has(&eog, "<|call|>") && has(&eog, "<|end|>"))
-            || (has(&eog, "<|calls|>") && has(&eog, "<|flush|>") && has(&eog, "<|end|>"))
-        {
-            eog.retain(|&i| {
-                if texts[i as usize] == "<|end|>" {
-                    attrs[i as usize] = TokenAttr::UserDefined;
-                    false
-                } else {
-                    true
-                }
-            });
-        }
-        if has(&eog, "<|tool_response>") && has(&eog, "</s>") {
-            eog.retain(|&i| {
-                if texts[i as usize] == "</s>" {
-                    attrs[i as usize] = TokenAttr::Normal;
-                    false
-                } else {
-                    true
-                }
-            });
-        }
-        for (i, t) in texts.iter().enumerate() {
-            if FORCED_USER_DEFINED.contains(&t.as_str()) {
-                attrs[i] = TokenAttr::UserDefined;
-            }
-        }
-
-        let mut special_order: Vec<u32> = (0..n as u32)
-            .filter(|&i| attrs[i as usize].is_special())
-            .collect();
-        special_order.sort_by_key(|&i| std::cmp::Reverse(texts[i as usize].len()));
+        let Specials {
+            bos,
+            eos,
+            unk,
+            eog,
+            special_order,
+        } = resolve_specials(&texts, &mut attrs, explicit);
 
         let (backend, pieces, add_bos) = match model {
             TokenizerModel::Bpe => {
-                let (raw, pieces) = build_bpe(md, pre, vocab, &texts, &attrs)?;
+                let raw = build_bpe(md, pre, vocab)?;
+                let pieces = byte_level_pieces(&texts, &attrs);
                 let add_bos = matches!(md.get(KEY_ADD_BOS), Some(Value::Bool(true)));
                 (Backend::Bpe(Box::new(raw)), pieces, add_bos)
             }
@@ -740,6 +807,40 @@ impl GgufTokenizer {
             eog,
             add_bos,
         })
+    }
+
+    /// A byte-level BPE tokenizer from already-checked parts (the Hugging Face directory
+    /// loader): `raw` is the BPE pipeline without added tokens or post-processor, `texts` /
+    /// `attrs` cover every id (unique texts), `explicit` the special ids the source names.
+    /// llama.cpp's special-token resolution is applied as for a GGUF.
+    pub(crate) fn from_byte_level_parts(
+        raw: Tokenizer,
+        texts: Vec<String>,
+        mut attrs: Vec<TokenAttr>,
+        explicit: ExplicitSpecials,
+        add_bos: bool,
+    ) -> Self {
+        let Specials {
+            bos,
+            eos,
+            unk,
+            eog,
+            special_order,
+        } = resolve_specials(&texts, &mut attrs, explicit);
+        let pieces = byte_level_pieces(&texts, &attrs);
+        Self {
+            backend: Backend::Bpe(Box::new(raw)),
+            pre: PreTokenizerKind::TokenizerJson,
+            texts,
+            attrs,
+            pieces,
+            special_order,
+            bos,
+            eos,
+            unk,
+            eog,
+            add_bos,
+        }
     }
 
     /// Number of tokens; valid ids are `0..vocab_size()`.
@@ -819,10 +920,17 @@ impl GgufTokenizer {
         self.attrs.get(id as usize).copied()
     }
 
-    /// Looks up a token by its exact stored text.
+    /// Looks up a token by its exact stored text (the `[PAD{i}]` placeholders of unused ids
+    /// past a Hugging Face tokenizer's end are not found).
     pub fn token_id(&self, text: &str) -> Option<u32> {
         match &self.backend {
-            Backend::Bpe(raw) => raw.token_to_id(text),
+            // Added tokens of a `tokenizer.json` need not be in the BPE vocabulary.
+            Backend::Bpe(raw) => raw.token_to_id(text).or_else(|| {
+                self.special_order
+                    .iter()
+                    .copied()
+                    .find(|&id| self.texts[id as usize] == text)
+            }),
             Backend::Spm(spm) => spm.token_id(text),
         }
     }

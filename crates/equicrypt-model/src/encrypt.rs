@@ -36,7 +36,7 @@ use equicrypt_core::{
 };
 
 use crate::gguf::{GgufFile, GgufWriter};
-use crate::quant::transform_tensor;
+use crate::quant::{check_transform, transform_row, BlockFormat};
 use crate::source::{GgufSink, GgufSource, TensorInfo, TensorSink, TensorSource};
 use crate::ModelError;
 
@@ -246,8 +246,9 @@ fn encrypted_metadata(
 
 /// Encrypts the LLaMA-family GGUF at `input` into `output` with `key`.
 ///
-/// Streams tensor by tensor (peak memory ≈ twice the largest tensor) and writes atomically: on
-/// any error no output file is left behind.
+/// Streams every tensor through a bounded buffer ([`transform_into`]: peak memory ≈ one
+/// [`STREAM_CHUNK_BYTES`] chunk plus one row, independent of tensor size) and writes atomically:
+/// on any error no output file is left behind.
 pub fn encrypt_gguf(
     key: &SecretKey,
     input: &Path,
@@ -327,26 +328,458 @@ pub fn plan_jobs<F: ArchFamily>(
     Ok(jobs)
 }
 
+/// Output bytes [`transform_into`] produces per step (8 MiB): the bound of its buffer.
+pub const STREAM_CHUNK_BYTES: usize = 8 << 20;
+
 /// Streams every job's tensor from `src` through its transform into `sink` (in job order) and
 /// finishes the sink; on error the sink is dropped and leaves no file.
+///
+/// Memory invariant: no tensor is ever held whole. Each tensor goes through one reused buffer in
+/// chunks of at most [`STREAM_CHUNK_BYTES`] of output, read with
+/// [`TensorSource::read_tensor_range`] and written with [`TensorSink::write_part`]:
+/// identity tensors are copied chunk by chunk; a transformed tensor is produced whole output rows
+/// at a time, output row `d` read from input row `r = rows⁻¹(d)` (one read per run of
+/// consecutive input rows, so a tensor whose rows do not move is read in whole chunks) and
+/// transformed in place through a one-row scratch (`quant::transform_row`, the step
+/// [`crate::quant::transform_tensor`] uses). Peak memory is therefore about one chunk plus one
+/// row (a chunk holds at least one row), independent of the tensor's size. The bytes written are
+/// exactly those of [`crate::quant::transform_tensor`].
 pub fn transform_into<S: TensorSource + ?Sized, K: TensorSink>(
+    src: &mut S,
+    sink: K,
+    jobs: &[(TensorInfo, TensorTransform)],
+    bar: &indicatif::ProgressBar,
+) -> Result<(), ModelError> {
+    transform_into_chunked(src, sink, jobs, bar, STREAM_CHUNK_BYTES)
+}
+
+/// [`transform_into`] with chunks of at most `chunk_bytes` of output (at least one byte for an
+/// identity tensor, at least one row for a transformed one).
+pub(crate) fn transform_into_chunked<S: TensorSource + ?Sized, K: TensorSink>(
     src: &mut S,
     mut sink: K,
     jobs: &[(TensorInfo, TensorTransform)],
     bar: &indicatif::ProgressBar,
+    chunk_bytes: usize,
 ) -> Result<(), ModelError> {
+    let mut buf = Vec::new();
+    let mut scratch = Vec::new();
     for (t, tr) in jobs {
         bar.set_message(t.name.clone());
-        let data = src.read_tensor_bytes(&t.name)?;
-        let cols = *t.dims.last().unwrap_or(&1);
-        let rows = t.dims.iter().rev().skip(1).product::<usize>();
-        let out = if tr.is_identity() {
-            data
+        sink.begin_tensor(&t.name)?;
+        if tr.is_identity() {
+            copy_tensor(src, &mut sink, t, chunk_bytes, &mut buf, bar)?;
         } else {
-            transform_tensor(&data, t.dtype, rows, cols, tr).map_err(|e| e.in_tensor(&t.name))?
-        };
-        sink.write_tensor(&t.name, &out)?;
-        bar.inc(t.size);
+            stream_rows(
+                src,
+                &mut sink,
+                t,
+                tr,
+                chunk_bytes,
+                &mut buf,
+                &mut scratch,
+                bar,
+            )?;
+        }
+        sink.end_tensor()?;
     }
     sink.finish()
+}
+
+/// Grows `buf` to at least `len` bytes (never shrinks, never clears) and returns its first `len`.
+fn buffer(buf: &mut Vec<u8>, len: usize) -> &mut [u8] {
+    if buf.len() < len {
+        buf.resize(len, 0);
+    }
+    &mut buf[..len]
+}
+
+/// Copies the bytes of `t` from `src` to the open tensor of `sink`, `chunk_bytes` at a time.
+fn copy_tensor<S: TensorSource + ?Sized, K: TensorSink>(
+    src: &mut S,
+    sink: &mut K,
+    t: &TensorInfo,
+    chunk_bytes: usize,
+    buf: &mut Vec<u8>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(), ModelError> {
+    let step = chunk_bytes.max(1) as u64;
+    let mut at = 0u64;
+    while at < t.size {
+        let n = step.min(t.size - at);
+        let chunk = buffer(buf, n as usize);
+        src.read_tensor_range(&t.name, at, chunk)?;
+        sink.write_part(chunk)?;
+        bar.inc(n);
+        at += n;
+    }
+    Ok(())
+}
+
+/// Writes `t` transformed by `tr` to the open tensor of `sink`, whole output rows at a time
+/// (as many as fit in `chunk_bytes`, at least one), each read from its input row and transformed
+/// in place through the one-row `scratch`.
+#[allow(clippy::too_many_arguments)]
+fn stream_rows<S: TensorSource + ?Sized, K: TensorSink>(
+    src: &mut S,
+    sink: &mut K,
+    t: &TensorInfo,
+    tr: &TensorTransform,
+    chunk_bytes: usize,
+    buf: &mut Vec<u8>,
+    scratch: &mut Vec<u8>,
+    bar: &indicatif::ProgressBar,
+) -> Result<(), ModelError> {
+    let cols = *t.dims.last().unwrap_or(&1);
+    let rows = t.dims.iter().rev().skip(1).product::<usize>();
+    check_transform(t.dtype, rows, cols, tr).map_err(|e| e.in_tensor(&t.name))?;
+    let fmt = BlockFormat::of(t.dtype)?;
+    let row_bytes = fmt.row_bytes(cols);
+    if (rows * row_bytes) as u64 != t.size {
+        return Err(ModelError::Corrupt(format!(
+            "tensor has {} bytes, expected {} for {rows}×{cols} {:?}",
+            t.size,
+            rows * row_bytes,
+            t.dtype
+        ))
+        .in_tensor(&t.name));
+    }
+    if row_bytes == 0 {
+        return Ok(());
+    }
+    // The input row that lands at output row `d`.
+    let source_row = |d: usize| tr.rows.as_ref().map_or(d, |p| p.invert(d as u32) as usize);
+    let per_chunk = (chunk_bytes / row_bytes).clamp(1, rows.max(1));
+    let scratch = buffer(scratch, row_bytes);
+    let mut first = 0;
+    while first < rows {
+        let n = per_chunk.min(rows - first);
+        let chunk = buffer(buf, n * row_bytes);
+        // Fill output rows `first .. first + n` with their input rows, one read per run of
+        // consecutive input rows.
+        let mut i = 0;
+        while i < n {
+            let r = source_row(first + i);
+            let mut run = 1;
+            while i + run < n && source_row(first + i + run) == r + run {
+                run += 1;
+            }
+            let into = &mut chunk[i * row_bytes..(i + run) * row_bytes];
+            src.read_tensor_range(&t.name, (r * row_bytes) as u64, into)?;
+            i += run;
+        }
+        for (i, row) in chunk.chunks_exact_mut(row_bytes).enumerate() {
+            scratch.copy_from_slice(row);
+            transform_row(scratch, source_row(first + i), row, fmt, tr);
+        }
+        sink.write_part(chunk)?;
+        bar.inc(chunk.len() as u64);
+        first += n;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::quant::transform_tensor;
+    use crate::{SafetensorsSink, SafetensorsSource};
+    use candle_core::quantized::GgmlDType;
+    use equicrypt_core::Permutation;
+
+    /// A column permutation as lossless as `dtype` allows: any for floats; for block types, blocks
+    /// move, sub-blocks move inside their block and values inside their sub-block.
+    fn lossless_cols(dtype: GgmlDType, cols: usize, key: &SecretKey, label: &str) -> Permutation {
+        let rng = &mut key.stream(label);
+        let f = BlockFormat::of(dtype).unwrap();
+        let (be, sb) = (f.block_elems(), f.sub_block());
+        if be == 1 {
+            return Permutation::random(cols, rng);
+        }
+        let inner: Vec<_> = (0..cols / be)
+            .map(|_| {
+                let subs: Vec<_> = (0..be / sb).map(|_| Permutation::random(sb, rng)).collect();
+                Permutation::blocked(&Permutation::random(be / sb, rng), &subs)
+            })
+            .collect();
+        Permutation::blocked(&Permutation::random(cols / be, rng), &inner)
+    }
+
+    fn noise(len: usize, seed: u64) -> Vec<u8> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..len)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s >> 24) as u8
+            })
+            .collect()
+    }
+
+    /// Tensors of every kind of job: each dtype with an identity transform; rows and columns
+    /// moved with negated rows (and columns, floats); rows negated where they stand (reads
+    /// coalesce into whole chunks); rows rotated (runs of consecutive input rows broken once);
+    /// columns only. Returns the jobs and each tensor's plain bytes.
+    fn cases(float_only: bool) -> (Vec<(TensorInfo, TensorTransform)>, Vec<Vec<u8>>) {
+        let shapes: [(GgmlDType, Vec<usize>); 6] = [
+            (GgmlDType::F32, vec![5, 48]),
+            (GgmlDType::BF16, vec![9, 40]),
+            (GgmlDType::F16, vec![64]),
+            (GgmlDType::F16, vec![2, 3, 16]),
+            (GgmlDType::Q8_0, vec![6, 96]),
+            (GgmlDType::Q4K, vec![4, 512]),
+        ];
+        let key = SecretKey::from_bytes([42; 32]);
+        let rng = &mut key.stream("streaming-test");
+        let (mut jobs, mut data) = (Vec::new(), Vec::new());
+        for (k, (dtype, dims)) in shapes.into_iter().enumerate() {
+            let f = BlockFormat::of(dtype).unwrap();
+            if float_only && f.block_elems() > 1 {
+                continue;
+            }
+            let cols = *dims.last().unwrap();
+            let rows: usize = dims.iter().rev().skip(1).product();
+            let size = rows * f.row_bytes(cols);
+            let negate: Vec<bool> = noise(rows, k as u64).iter().map(|b| b & 1 == 1).collect();
+            let float = f.block_elems() == 1;
+            let transforms = [
+                TensorTransform::default(),
+                TensorTransform {
+                    rows: Some(Permutation::random(rows, rng)),
+                    cols: Some(lossless_cols(dtype, cols, &key, &format!("a{k}"))),
+                    negate_rows: Some(negate.clone()),
+                    negate_cols: float.then(|| {
+                        noise(cols, 7 + k as u64)
+                            .iter()
+                            .map(|b| b & 1 == 0)
+                            .collect()
+                    }),
+                },
+                TensorTransform {
+                    negate_rows: Some(negate),
+                    ..Default::default()
+                },
+                TensorTransform {
+                    rows: Some(
+                        Permutation::from_forward(
+                            (0..rows as u32).map(|r| (r + 2) % rows as u32).collect(),
+                        )
+                        .unwrap(),
+                    ),
+                    ..Default::default()
+                },
+                TensorTransform {
+                    cols: Some(lossless_cols(dtype, cols, &key, &format!("b{k}"))),
+                    ..Default::default()
+                },
+            ];
+            for (j, tr) in transforms.into_iter().enumerate() {
+                let info = TensorInfo {
+                    name: format!("t{k}.{j}"),
+                    dtype,
+                    dims: dims.clone(),
+                    size: size as u64,
+                };
+                data.push(noise(size, 100 * k as u64 + j as u64));
+                jobs.push((info, tr));
+            }
+        }
+        (jobs, data)
+    }
+
+    fn expected(jobs: &[(TensorInfo, TensorTransform)], data: &[Vec<u8>]) -> Vec<Vec<u8>> {
+        jobs.iter()
+            .zip(data)
+            .map(|((t, tr), d)| {
+                let cols = *t.dims.last().unwrap();
+                let rows = t.dims.iter().rev().skip(1).product();
+                transform_tensor(d, t.dtype, rows, cols, tr).unwrap()
+            })
+            .collect()
+    }
+
+    fn write_gguf(path: &Path, jobs: &[(TensorInfo, TensorTransform)], data: &[Vec<u8>]) {
+        let headers = jobs.iter().map(|(t, _)| t.clone()).collect();
+        let meta = [("general.alignment".to_string(), Value::U32(32))];
+        let mut w = GgufWriter::create(path, &meta, headers).unwrap();
+        for ((t, _), d) in jobs.iter().zip(data) {
+            w.write_tensor(&t.name, d).unwrap();
+        }
+        w.finish().unwrap();
+    }
+
+    /// An in-memory sink that records every part it is given.
+    struct Recorder {
+        headers: Vec<TensorInfo>,
+        tensors: Vec<Vec<u8>>,
+        largest_part: Vec<usize>,
+    }
+
+    impl TensorSink for Recorder {
+        fn begin_tensor(&mut self, name: &str) -> Result<(), ModelError> {
+            assert_eq!(self.headers[self.tensors.len()].name, name);
+            self.tensors.push(Vec::new());
+            self.largest_part.push(0);
+            Ok(())
+        }
+        fn write_part(&mut self, data: &[u8]) -> Result<(), ModelError> {
+            self.tensors.last_mut().unwrap().extend_from_slice(data);
+            let l = self.largest_part.last_mut().unwrap();
+            *l = (*l).max(data.len());
+            Ok(())
+        }
+        fn end_tensor(&mut self) -> Result<(), ModelError> {
+            let i = self.tensors.len() - 1;
+            assert_eq!(self.tensors[i].len() as u64, self.headers[i].size);
+            Ok(())
+        }
+        fn finish(self) -> Result<(), ModelError> {
+            unreachable!("read through transform_into_recorded")
+        }
+    }
+
+    /// Streaming writes exactly `transform_tensor`'s bytes for every dtype and kind of transform,
+    /// at chunk sizes that split rows, hold one row, several rows with a remainder, or the whole
+    /// tensor; and no part is larger than the chunk (a whole row for a transformed tensor).
+    #[test]
+    fn streaming_matches_transform_tensor_at_every_chunk_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let (jobs, data) = cases(false);
+        let want = expected(&jobs, &data);
+        let path = dir.path().join("plain.gguf");
+        write_gguf(&path, &jobs, &data);
+        let mut src = GgufFile::open(&path).unwrap();
+        let bar = indicatif::ProgressBar::hidden();
+        for chunk in [
+            1,
+            7,
+            79,
+            80,
+            81,
+            101,
+            103,
+            191,
+            250,
+            289,
+            577,
+            1000,
+            1 << 20,
+        ] {
+            // The recorder is inspected after streaming, so drive the loop without `finish`.
+            let mut rec = Recorder {
+                headers: jobs.iter().map(|(t, _)| t.clone()).collect(),
+                tensors: Vec::new(),
+                largest_part: Vec::new(),
+            };
+            let (mut buf, mut scratch) = (Vec::new(), Vec::new());
+            for (t, tr) in &jobs {
+                rec.begin_tensor(&t.name).unwrap();
+                if tr.is_identity() {
+                    copy_tensor(&mut src, &mut rec, t, chunk, &mut buf, &bar).unwrap();
+                } else {
+                    stream_rows(
+                        &mut src,
+                        &mut rec,
+                        t,
+                        tr,
+                        chunk,
+                        &mut buf,
+                        &mut scratch,
+                        &bar,
+                    )
+                    .unwrap();
+                }
+                rec.end_tensor().unwrap();
+            }
+            for (((t, tr), got), (want, largest)) in jobs
+                .iter()
+                .zip(&rec.tensors)
+                .zip(want.iter().zip(&rec.largest_part))
+            {
+                assert_eq!(got, want, "{} at chunk {chunk}", t.name);
+                let cols = *t.dims.last().unwrap();
+                let row = BlockFormat::of(t.dtype).unwrap().row_bytes(cols);
+                let bound = if tr.is_identity() {
+                    chunk
+                } else {
+                    chunk.max(row)
+                };
+                assert!(*largest <= bound, "{}: part of {largest} > {bound}", t.name);
+            }
+            // The same through the real GGUF sink, read back.
+            let out = dir.path().join(format!("enc-{chunk}.gguf"));
+            let headers = jobs.iter().map(|(t, _)| t.clone()).collect();
+            let sink = GgufWriter::create(&out, &[], headers).unwrap();
+            transform_into_chunked(&mut src, sink, &jobs, &bar, chunk).unwrap();
+            let mut back = GgufFile::open(&out).unwrap();
+            for ((t, _), want) in jobs.iter().zip(&want) {
+                assert_eq!(
+                    &back.read_tensor_bytes(&t.name).unwrap(),
+                    want,
+                    "{}",
+                    t.name
+                );
+            }
+        }
+    }
+
+    /// The same from a safetensors source into a safetensors sink (float tensors only).
+    #[test]
+    fn streaming_through_safetensors_matches_transform_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let (jobs, data) = cases(true);
+        let want = expected(&jobs, &data);
+        let headers: Vec<TensorInfo> = jobs.iter().map(|(t, _)| t.clone()).collect();
+        let plain = dir.path().join("plain.safetensors");
+        let mut sink =
+            SafetensorsSink::create(&plain, &Default::default(), headers.clone()).unwrap();
+        for ((t, _), d) in jobs.iter().zip(&data) {
+            sink.write_tensor(&t.name, d).unwrap();
+        }
+        sink.finish().unwrap();
+        let mut src = SafetensorsSource::open(&plain).unwrap();
+        let bar = indicatif::ProgressBar::hidden();
+        for chunk in [3, 100, STREAM_CHUNK_BYTES] {
+            let out = dir.path().join(format!("enc-{chunk}.safetensors"));
+            let sink = SafetensorsSink::create(&out, &Default::default(), headers.clone()).unwrap();
+            transform_into_chunked(&mut src, sink, &jobs, &bar, chunk).unwrap();
+            let mut back = SafetensorsSource::open(&out).unwrap();
+            for ((t, _), want) in jobs.iter().zip(&want) {
+                assert_eq!(
+                    &back.read_tensor_bytes(&t.name).unwrap(),
+                    want,
+                    "{}",
+                    t.name
+                );
+            }
+        }
+    }
+
+    /// A failure mid-tensor (here: the source refuses a read) leaves no output file.
+    #[test]
+    fn a_failed_stream_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let (mut jobs, data) = cases(false);
+        let path = dir.path().join("plain.gguf");
+        write_gguf(&path, &jobs, &data);
+        let mut src = GgufFile::open(&path).unwrap();
+        // The last tensor claims one more row than the file holds.
+        let (last, tr) = jobs.last_mut().unwrap();
+        last.size += last.size / last.dims[0] as u64;
+        last.dims[0] += 1;
+        *tr = TensorTransform::default();
+        let name = last.name.clone();
+        let headers = jobs.iter().map(|(t, _)| t.clone()).collect();
+        let out = dir.path().join("enc.gguf");
+        let sink = GgufWriter::create(&out, &[], headers).unwrap();
+        let bar = indicatif::ProgressBar::hidden();
+        let e = transform_into_chunked(&mut src, sink, &jobs, &bar, 64).unwrap_err();
+        assert!(e.to_string().contains(&name), "{e}");
+        let names: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["plain.gguf"]);
+    }
 }

@@ -98,6 +98,8 @@ pub struct GgufFile {
     pub content: Content,
     /// Tensors in the order of their data in the file.
     pub tensors: Vec<TensorEntry>,
+    /// Index into `tensors` of the last tensor a ranged read named (a lookup hint).
+    last: usize,
 }
 
 impl GgufFile {
@@ -159,6 +161,7 @@ impl GgufFile {
             file,
             content,
             tensors,
+            last: 0,
         })
     }
 
@@ -206,6 +209,28 @@ impl GgufFile {
             .map_err(|e| ModelError::io(&self.path, e))?;
         Ok(buf)
     }
+
+    /// Fills `buf` with bytes `byte_offset ..` of tensor `name` (one seek and one read into
+    /// `buf`; see [`crate::TensorSource::read_tensor_range`]). Errors naming the tensor if it is
+    /// missing or the range reaches past its end.
+    pub fn read_tensor_range(
+        &mut self,
+        name: &str,
+        byte_offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ModelError> {
+        let i = crate::source::find_tensor(&self.tensors, |t| &t.name, &mut self.last, name)?;
+        let entry = &self.tensors[i];
+        crate::source::check_range(name, entry.size, byte_offset, buf.len())?;
+        let at = self.content.tensor_data_offset + entry.offset + byte_offset;
+        self.file
+            .seek(SeekFrom::Start(at))
+            .and_then(|_| self.file.read_exact(buf))
+            .map_err(|e| ModelError::Io {
+                path: format!("{} (tensor '{name}')", self.path.display()),
+                source: e,
+            })
+    }
 }
 
 /// Header of one tensor to be written.
@@ -221,16 +246,18 @@ pub struct TensorHeader {
     pub size: u64,
 }
 
-/// Streams a GGUF v3 file: header first, then each tensor's bytes in header order.
+/// Streams a GGUF v3 file: header first, then each tensor's bytes in header order, whole
+/// ([`GgufWriter::write_tensor`]) or in parts ([`GgufWriter::begin_tensor`],
+/// [`GgufWriter::write_part`], [`GgufWriter::end_tensor`]).
 ///
 /// Invariant: the destination path only ever holds a complete file. Data goes to a temporary
 /// file in the same directory, which [`GgufWriter::finish`] syncs and renames into place; if the
-/// writer is dropped before that (error, panic, interrupt) the temporary file is removed.
+/// writer is dropped before that (error, panic, interrupt) the temporary file is removed, and
+/// after any error [`GgufWriter::finish`] refuses.
 pub struct GgufWriter {
     out: BufWriter<tempfile::NamedTempFile>,
     dest: PathBuf,
-    headers: Vec<TensorHeader>,
-    next: usize,
+    order: crate::source::SinkOrder,
     alignment: u64,
     written: u64,
 }
@@ -259,8 +286,7 @@ impl GgufWriter {
         let mut w = Self {
             out: BufWriter::with_capacity(1 << 20, tmp),
             dest: dest.to_path_buf(),
-            headers,
-            next: 0,
+            order: crate::source::SinkOrder::new(headers),
             alignment,
             written: 0,
         };
@@ -293,7 +319,7 @@ impl GgufWriter {
     fn write_header(&mut self, metadata: &[(String, Value)]) -> Result<(), ModelError> {
         self.put(b"GGUF")?;
         self.put(&3u32.to_le_bytes())?;
-        self.put(&(self.headers.len() as u64).to_le_bytes())?;
+        self.put(&(self.order.headers().len() as u64).to_le_bytes())?;
         self.put(&(metadata.len() as u64).to_le_bytes())?;
         for (k, v) in metadata {
             self.put_str(k)?;
@@ -301,7 +327,7 @@ impl GgufWriter {
             self.put_value(v)?;
         }
         let mut offset = 0u64;
-        for h in self.headers.clone() {
+        for h in self.order.headers().to_vec() {
             self.put_str(&h.name)?;
             self.put(&(h.dims.len() as u32).to_le_bytes())?;
             for &d in h.dims.iter().rev() {
@@ -340,16 +366,35 @@ impl GgufWriter {
         }
     }
 
-    /// Writes the bytes of the next tensor (in header order).
+    /// Writes the bytes of the next tensor (in header order) in one piece.
     pub fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), ModelError> {
-        crate::source::check_next_tensor(&self.headers, &mut self.next, name, data.len())?;
-        self.put(data)?;
-        self.pad()
+        crate::source::TensorSink::write_tensor(self, name, data)
     }
 
-    /// Flushes, syncs and atomically renames the file into place.
+    /// Starts the next tensor (in header order); its bytes follow with [`Self::write_part`].
+    pub fn begin_tensor(&mut self, name: &str) -> Result<(), ModelError> {
+        self.order.begin(name)
+    }
+
+    /// Appends `data` to the tensor begun last (errors, writing nothing, past its size).
+    pub fn write_part(&mut self, data: &[u8]) -> Result<(), ModelError> {
+        self.order.part(data.len())?;
+        let r = self.put(data);
+        self.order.guard(r)
+    }
+
+    /// Ends the tensor begun last (errors unless it got exactly its size) and pads to the
+    /// alignment.
+    pub fn end_tensor(&mut self) -> Result<(), ModelError> {
+        self.order.end()?;
+        let r = self.pad();
+        self.order.guard(r)
+    }
+
+    /// Flushes, syncs and atomically renames the file into place (errors, leaving nothing, if a
+    /// tensor is missing or unfinished or an earlier call failed).
     pub fn finish(self) -> Result<(), ModelError> {
-        crate::source::persist_atomically(self.out, &self.dest, self.next, self.headers.len())
+        crate::source::persist_atomically(self.out, &self.dest, &self.order)
     }
 }
 

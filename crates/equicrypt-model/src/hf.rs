@@ -277,7 +277,9 @@ fn write_json(path: &Path, v: &Value) -> Result<(), ModelError> {
 ///
 /// Every shard's transforms are resolved before anything is written (unknown tensors, shapes that
 /// disagree with the config and non-float types are errors naming the tensor); shards are then
-/// streamed one at a time (peak memory ≈ twice the largest tensor).
+/// streamed one at a time, each tensor through a bounded buffer
+/// ([`crate::encrypt::transform_into`]: peak memory ≈ one 8 MiB chunk plus one row, independent
+/// of tensor size).
 pub fn encrypt_hf(
     key: &SecretKey,
     input: &Path,

@@ -418,24 +418,40 @@ pub fn transform_tensor(
     let mut out = vec![0u8; data.len()];
     let mut scratch = vec![0u8; row_bytes];
     for r in 0..rows {
-        let src = &data[r * row_bytes..(r + 1) * row_bytes];
         let dst_row = t.rows.as_ref().map_or(r, |p| p.apply(r as u32) as usize);
-        scratch.copy_from_slice(src);
-        if t.negate_rows.as_ref().is_some_and(|n| n[r]) {
-            negate_row(&mut scratch, fmt);
-        }
-        if let (Some(n), BlockFormat::Float { bytes }) = (&t.negate_cols, fmt) {
-            for (v, _) in scratch.chunks_exact_mut(bytes).zip(n).filter(|(_, &f)| f) {
-                v[bytes - 1] ^= 0x80;
-            }
-        }
+        scratch.copy_from_slice(&data[r * row_bytes..(r + 1) * row_bytes]);
         let dst = &mut out[dst_row * row_bytes..(dst_row + 1) * row_bytes];
-        match &t.cols {
-            None => dst.copy_from_slice(&scratch),
-            Some(p) => permute_row(&scratch, dst, fmt, p),
-        }
+        transform_row(&mut scratch, r, dst, fmt, t);
     }
     Ok(out)
+}
+
+/// The per-row step of a transform, shared by [`transform_tensor`] (the reference) and the
+/// streaming encrypter ([`crate::encrypt::transform_into`]): `row` holds input row `r` on entry
+/// and is clobbered (used as scratch); `dst` receives what [`transform_tensor`] writes at output
+/// row `t.rows(r)`. Negates the row (and columns, float only), then permutes its columns.
+///
+/// Preconditions (checked by the callers): `t` passed [`check_transform`] for the tensor, and
+/// `row.len() == dst.len() == fmt.row_bytes(cols)`.
+pub(crate) fn transform_row(
+    row: &mut [u8],
+    r: usize,
+    dst: &mut [u8],
+    fmt: BlockFormat,
+    t: &TensorTransform,
+) {
+    if t.negate_rows.as_ref().is_some_and(|n| n[r]) {
+        negate_row(row, fmt);
+    }
+    if let (Some(n), BlockFormat::Float { bytes }) = (&t.negate_cols, fmt) {
+        for (v, _) in row.chunks_exact_mut(bytes).zip(n).filter(|(_, &f)| f) {
+            v[bytes - 1] ^= 0x80;
+        }
+    }
+    match &t.cols {
+        None => dst.copy_from_slice(row),
+        Some(p) => permute_row(row, dst, fmt, p),
+    }
 }
 
 fn check_len(what: &str, got: usize, want: usize) -> Result<(), ModelError> {

@@ -52,6 +52,8 @@ pub struct SafetensorsSource {
     /// Tensors in the order of their data, with their offsets into the data section.
     tensors: Vec<(TensorInfo, u64)>,
     metadata: HashMap<String, String>,
+    /// Index into `tensors` of the last tensor a ranged read named (a lookup hint).
+    last: usize,
 }
 
 impl SafetensorsSource {
@@ -137,6 +139,7 @@ impl SafetensorsSource {
             data_start,
             tensors,
             metadata: meta.metadata().clone().unwrap_or_default(),
+            last: 0,
         })
     }
 
@@ -157,17 +160,29 @@ impl TensorSource for SafetensorsSource {
     }
 
     fn read_tensor_bytes(&mut self, name: &str) -> Result<Vec<u8>, ModelError> {
-        let (info, off) = self
-            .tensors
-            .iter()
-            .find(|(t, _)| t.name == name)
-            .ok_or_else(|| ModelError::Metadata(format!("missing tensor '{name}'")))?;
-        let mut buf = vec![0u8; info.size as usize];
-        self.file
-            .seek(SeekFrom::Start(self.data_start + off))
-            .and_then(|_| self.file.read_exact(&mut buf))
-            .map_err(|e| ModelError::io(&self.path, e))?;
+        let i = crate::source::find_tensor(&self.tensors, |(t, _)| &t.name, &mut self.last, name)?;
+        let mut buf = vec![0u8; self.tensors[i].0.size as usize];
+        self.read_tensor_range(name, 0, &mut buf)?;
         Ok(buf)
+    }
+
+    /// One seek and one `read_exact` into `buf` (the file is read, never mapped).
+    fn read_tensor_range(
+        &mut self,
+        name: &str,
+        byte_offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), ModelError> {
+        let i = crate::source::find_tensor(&self.tensors, |(t, _)| &t.name, &mut self.last, name)?;
+        let (info, off) = &self.tensors[i];
+        crate::source::check_range(name, info.size, byte_offset, buf.len())?;
+        self.file
+            .seek(SeekFrom::Start(self.data_start + off + byte_offset))
+            .and_then(|_| self.file.read_exact(buf))
+            .map_err(|e| ModelError::Io {
+                path: format!("{} (tensor '{name}')", self.path.display()),
+                source: e,
+            })
     }
 
     fn metadata(&self) -> &dyn MetadataSource {
@@ -188,13 +203,13 @@ impl MetadataSource for SafetensorsSource {
     }
 }
 
-/// Streams a safetensors file: header first, then each tensor's bytes in declared order, into a
-/// temporary file next to the destination that [`TensorSink::finish`] renames into place.
+/// Streams a safetensors file: header first, then each tensor's bytes in declared order (whole or
+/// in parts), into a temporary file next to the destination that [`TensorSink::finish`] renames
+/// into place; after any error it refuses to finish, and dropping it removes the temporary file.
 pub struct SafetensorsSink {
     out: BufWriter<tempfile::NamedTempFile>,
     dest: PathBuf,
-    headers: Vec<TensorInfo>,
-    next: usize,
+    order: crate::source::SinkOrder,
 }
 
 impl SafetensorsSink {
@@ -255,22 +270,31 @@ impl SafetensorsSink {
         Ok(Self {
             out,
             dest: dest.to_path_buf(),
-            headers,
-            next: 0,
+            order: crate::source::SinkOrder::new(headers),
         })
     }
 }
 
 impl TensorSink for SafetensorsSink {
-    fn write_tensor(&mut self, name: &str, data: &[u8]) -> Result<(), ModelError> {
-        crate::source::check_next_tensor(&self.headers, &mut self.next, name, data.len())?;
-        self.out
+    fn begin_tensor(&mut self, name: &str) -> Result<(), ModelError> {
+        self.order.begin(name)
+    }
+
+    fn write_part(&mut self, data: &[u8]) -> Result<(), ModelError> {
+        self.order.part(data.len())?;
+        let r = self
+            .out
             .write_all(data)
-            .map_err(|e| ModelError::io(&self.dest, e))
+            .map_err(|e| ModelError::io(&self.dest, e));
+        self.order.guard(r)
+    }
+
+    fn end_tensor(&mut self) -> Result<(), ModelError> {
+        self.order.end()
     }
 
     fn finish(self) -> Result<(), ModelError> {
-        crate::source::persist_atomically(self.out, &self.dest, self.next, self.headers.len())
+        crate::source::persist_atomically(self.out, &self.dest, &self.order)
     }
 }
 

@@ -5,6 +5,8 @@
 //!   missing model into a failure).
 //! * [`llama_cpp_python`], [`llama_server`], [`openai_python`]: presence checks of the optional
 //!   stock tools with their `EQUICRYPT_REQUIRE_LLAMACPP` / `_LLAMA_SERVER` / `_OPENAI` variables.
+//! * [`vllm_python`], [`VllmServer`]: stock vLLM (`EQUICRYPT_REQUIRE_VLLM`), a server whose whole
+//!   process group is killed when dropped.
 //! * [`ChildGuard`]: a child process killed (and reaped) when dropped.
 //! * [`raw_http`]: one HTTP/1.0 request without an HTTP client library.
 //! * [`heavy_lock`]: serializes the tests of one binary that run a model.
@@ -15,6 +17,7 @@ mod child;
 mod http;
 pub mod margin;
 mod paths;
+mod vllm;
 
 pub use child::ChildGuard;
 pub use http::raw_http;
@@ -26,6 +29,7 @@ pub use paths::{
     flag, gemma3, hf_python, llama_cpp_python, llama_server, model_or_skip, openai_python,
     python_has_module, require_or_skip, smollm2, smollm2_hf, workspace, GEMMA3_REL, SMOLLM2_REL,
 };
+pub use vllm::{vllm_python, VllmServer};
 
 use std::sync::{Mutex, MutexGuard};
 

@@ -100,20 +100,8 @@ pub fn smollm2_hf(test: &str) -> Option<PathBuf> {
 /// `${EQUICRYPT_CACHE_DIR:-/work/cache}/hf-venv/bin/python`) when it imports torch and
 /// transformers; SKIP or fail (`EQUICRYPT_REQUIRE_TRANSFORMERS=1`) otherwise.
 pub fn hf_python(test: &str) -> Option<PathBuf> {
-    let py = std::env::var_os("EQUICRYPT_HF_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            std::env::var_os("EQUICRYPT_CACHE_DIR")
-                .map(PathBuf::from)
-                .unwrap_or_else(|| PathBuf::from("/work/cache"))
-                .join("hf-venv/bin/python")
-        });
-    let ok = Command::new(&py)
-        .args(["-c", "import torch, transformers"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
+    let py = venv_python("EQUICRYPT_HF_PYTHON", "hf-venv");
+    let ok = python_runs(&py, "import torch, transformers");
     require_or_skip(
         test,
         ok,
@@ -124,14 +112,30 @@ pub fn hf_python(test: &str) -> Option<PathBuf> {
     .map(|()| py)
 }
 
-/// Whether `python3 -c "import MODULE"` succeeds.
-pub fn python_has_module(module: &str) -> bool {
-    Command::new("python3")
-        .args(["-c", &format!("import {module}")])
+/// `$VAR`, else `${EQUICRYPT_CACHE_DIR:-/work/cache}/VENV/bin/python`.
+pub(crate) fn venv_python(var: &str, venv: &str) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
+        std::env::var_os("EQUICRYPT_CACHE_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/work/cache"))
+            .join(venv)
+            .join("bin/python")
+    })
+}
+
+/// Whether `PYTHON -c CODE` runs and exits 0.
+pub(crate) fn python_runs(python: &Path, code: &str) -> bool {
+    Command::new(python)
+        .args(["-c", code])
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success())
+}
+
+/// Whether `python3 -c "import MODULE"` succeeds.
+pub fn python_has_module(module: &str) -> bool {
+    python_runs(Path::new("python3"), &format!("import {module}"))
 }
 
 /// Whether the Python binding `llama_cpp` (llama-cpp-python) imports; SKIP or fail

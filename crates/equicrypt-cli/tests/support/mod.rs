@@ -109,6 +109,45 @@ impl Fixture {
     }
 }
 
+/// Runs `equicrypt chat --key KEY --tokenizer TOKENIZER --server SERVER EXTRA…` with `input` on
+/// stdin; asserts that it succeeds and returns its stdout and stderr.
+pub fn run_chat(
+    key: &Path,
+    tokenizer: &Path,
+    server: &str,
+    extra: &[&str],
+    input: &str,
+) -> (String, String) {
+    use std::io::Write as _;
+    let mut child = Command::new(BIN)
+        .arg("chat")
+        .arg("--key")
+        .arg(key)
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .args(["--server", server])
+        .args(extra)
+        .env("RAYON_NUM_THREADS", "1")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn equicrypt chat");
+    child
+        .stdin
+        .take()
+        .expect("chat stdin")
+        .write_all(input.as_bytes())
+        .expect("write chat input");
+    let o = child.wait_with_output().expect("chat output");
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    );
+    assert!(o.status.success(), "chat failed: {err}\n{out}");
+    (out, err)
+}
+
 /// A child process whose stdout and stderr are captured; killed (and reaped) when dropped, also
 /// while a failed assertion unwinds.
 pub struct Proc {
@@ -178,21 +217,24 @@ impl Proc {
 
     /// `equicrypt proxy --key K --tokenizer P --server URL --listen 127.0.0.1:0`, started and healthy.
     pub fn proxy(key: &Path, plain: &Path, server: SocketAddr) -> (Self, SocketAddr) {
-        let url = format!("http://{server}");
-        let mut p = Self::spawn(
-            "proxy",
-            &[
-                "proxy".as_ref(),
-                "--key".as_ref(),
-                key.as_os_str(),
-                "--tokenizer".as_ref(),
-                plain.as_os_str(),
-                "--server".as_ref(),
-                url.as_ref(),
-                "--listen".as_ref(),
-                "127.0.0.1:0".as_ref(),
-            ],
-        );
+        Self::proxy_to(key, plain, &format!("http://{server}"), &[])
+    }
+
+    /// Like [`Proc::proxy`] for the server at `url`, with `extra` arguments (`--backend vllm`).
+    pub fn proxy_to(key: &Path, plain: &Path, url: &str, extra: &[&str]) -> (Self, SocketAddr) {
+        let mut args: Vec<&std::ffi::OsStr> = vec![
+            "proxy".as_ref(),
+            "--key".as_ref(),
+            key.as_os_str(),
+            "--tokenizer".as_ref(),
+            plain.as_os_str(),
+            "--server".as_ref(),
+            url.as_ref(),
+            "--listen".as_ref(),
+            "127.0.0.1:0".as_ref(),
+        ];
+        args.extend(extra.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let mut p = Self::spawn("proxy", &args);
         let addr = p.wait_listening("proxy listening on http://");
         wait_health(&mut p, addr);
         (p, addr)

@@ -1,5 +1,6 @@
 //! HTTP client for a blind inference server: ours (`equicrypt-server`, the
-//! [`equicrypt_protocol`] wire types) or llama.cpp's stock `llama-server` serving an encrypted GGUF.
+//! [`equicrypt_protocol`] wire types), llama.cpp's stock `llama-server` serving an encrypted GGUF,
+//! or stock vLLM serving an encrypted transformers checkpoint.
 //!
 //! Layers:
 //!
@@ -12,8 +13,9 @@
 //! Files: `transport.rs` ([`RemoteClient`]'s requests, the fingerprint and session checks, HTTP
 //! errors), `token_stream.rs` ([`TokenStream`]: server-sent events, over `sse.rs`, into
 //! [`StreamEvent`]s), `llamacpp.rs` (the llama-server adapter: its request and response shapes,
-//! the fingerprint from `--alias` or `/props`, continuing past its default EOS) and `chat.rs`
-//! ([`BlindChat`]). Everything public is re-exported here.
+//! the fingerprint from `--alias` or `/props`, continuing past its default EOS), `vllm.rs` (the
+//! vLLM adapter: `/v1/completions` with token-id prompts and `return_token_ids`, the fingerprint
+//! from `--served-model-name`) and `chat.rs` ([`BlindChat`]). Everything public is re-exported here.
 //!
 //! Only ciphertext token ids ever leave this module; the key stays in the [`CipherSession`].
 //!
@@ -27,7 +29,13 @@
 //! encrypted vocabulary; `stop_type` `word` → [`StopType::Eos`]). llama-server has no `stop_ids`: it
 //! stops at the file's EOS only, so the client stops itself when any other stop id arrives — it
 //! drops the connection, which makes llama-server cancel the generation. The client applies that
-//! rule on both backends; a stop id is never part of the returned ids.
+//! rule on every backend; a stop id is never part of the returned ids.
+//!
+//! [`Backend::Vllm`] maps the calls onto vLLM's OpenAI `/v1/completions` (prompt as ids,
+//! `return_token_ids: true`, `stop_token_ids`, the served model's name from `/v1/models`);
+//! vLLM returns the stop id it stopped at, which the client cuts off. Log-probabilities need
+//! vLLM's tokenizer, which an encrypted checkpoint is served without: `n_probs > 0` is
+//! [`ClientError::Unsupported`](crate::ClientError::Unsupported).
 //!
 //! # Key fingerprints
 //!
@@ -35,7 +43,8 @@
 //! another key would receive a prompt it reads as different plaintext. Our server reports the
 //! fingerprint in `/v1/models`. llama-server has no field for it, so the client looks for a
 //! 32-hex-digit fingerprint in the model's id or aliases (`llama-server --alias <fingerprint>`) and
-//! in `GET /props`'s `model_path` (a file named after the fingerprint). When the server reports
+//! in `GET /props`'s `model_path` (a file named after the fingerprint); in vLLM's served model
+//! name (`--served-model-name <fingerprint>`) or its `root` (the checkpoint's path). When the server reports
 //! none, the check fails with [`ClientError::FingerprintUnavailable`] unless the client was built
 //! with [`RemoteClient::allow_unverified_fingerprint`].
 //!
@@ -73,6 +82,7 @@ mod llamacpp;
 mod sse;
 mod token_stream;
 mod transport;
+mod vllm;
 
 pub use equicrypt_protocol::{
     CompletionRequest, CompletionResponse, ErrorBody, ModelInfo, ModelList, PositionProbs,
@@ -92,6 +102,7 @@ use {
     llamacpp::{find_fingerprint, llamacpp_model_info, llamacpp_seed, LlamaCppRequest},
     serde_json::Value,
     transport::server_error_from_value,
+    vllm::{vllm_model_info, vllm_seed, VllmRequest},
 };
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! Unit tests of the stream state machine and the llama-server mapping (no network).
+//! Unit tests of the stream state machine and the llama-server and vLLM mappings (no network).
 
 use super::*;
 use proptest::prelude::*;
@@ -409,4 +409,118 @@ fn server_error_values() {
     assert!(matches!(e, ClientError::Server { status: 503, ref message } if message == "loading"));
     let e = server_error_from_value(502, &serde_json::json!("plain"));
     assert!(matches!(e, ClientError::Server { status: 502, ref message } if message == "plain"));
+}
+
+/// A streamed chunk as vLLM 0.32 sends it (recorded from `/v1/completions` with
+/// `return_token_ids`).
+fn vllm_chunk(ids: &[u32], finish: Option<&str>, stop_reason: Option<u32>) -> String {
+    let v = serde_json::json!({
+        "id": "cmpl-869f80cf9d1db32c", "object": "text_completion", "created": 1796139933,
+        "model": "d0c92c1b98cf5acf928e47089e1fd162",
+        "choices": [{"index": 0, "text": "", "logprobs": null, "finish_reason": finish,
+                     "stop_reason": stop_reason, "prompt_token_ids": null, "token_ids": ids}]
+    });
+    format!("data: {v}\n\n")
+}
+
+#[test]
+fn vllm_stream_cuts_the_stop_id_and_ignores_the_usage_chunk() {
+    // vLLM returns the stop id it stopped at as the last id, then a usage chunk and [DONE].
+    let s = [
+        vllm_chunk(&[43526], None, None),
+        vllm_chunk(&[38700], None, None),
+        vllm_chunk(&[15967, 7], Some("stop"), Some(7)),
+        "data: {\"id\":\"c\",\"object\":\"text_completion\",\"choices\":[],\"usage\":{\"prompt_tokens\":3,\"total_tokens\":7,\"completion_tokens\":4}}\n\n".to_string(),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .concat();
+    let (evs, err) = drain(vec![s.into_bytes()], Backend::Vllm, &[7]);
+    assert!(err.is_none(), "{err:?}");
+    let (ids, done) = flatten(&evs);
+    assert_eq!(ids, vec![43526, 38700, 15967]);
+    assert_eq!(
+        done,
+        Some(StreamEvent::Done {
+            stop_type: StopType::Eos,
+            timings: None,
+            tokens_predicted: 3
+        })
+    );
+    // A length stop counts every delivered id (vLLM's chunks carry no counts).
+    let s = [
+        vllm_chunk(&[1, 2], None, None),
+        vllm_chunk(&[3], Some("length"), None),
+        "data: [DONE]\n\n".to_string(),
+    ]
+    .concat();
+    let (evs, err) = drain(vec![s.into_bytes()], Backend::Vllm, &[7]);
+    assert!(err.is_none(), "{err:?}");
+    assert_eq!(
+        flatten(&evs).1,
+        Some(StreamEvent::Done {
+            stop_type: StopType::Limit,
+            timings: None,
+            tokens_predicted: 3
+        })
+    );
+    // [DONE] before any finish_reason, a chunk without token_ids, an error chunk: errors.
+    for bad in [
+        [vllm_chunk(&[1], None, None), "data: [DONE]\n\n".to_string()].concat(),
+        "data: {\"choices\":[{\"text\":\"<ct1>\",\"finish_reason\":null}]}\n\n".to_string(),
+        "data: {\"error\":{\"message\":\"boom\",\"type\":\"InternalServerError\",\"code\":500}}\n\n"
+            .to_string(),
+    ] {
+        let (_, err) = drain(vec![bad.clone().into_bytes()], Backend::Vllm, &[]);
+        assert!(err.is_some(), "no error for {bad:?}");
+    }
+}
+
+#[test]
+fn vllm_models_and_request_shape() {
+    let fp = "d0c92c1b98cf5acf928e47089e1fd162";
+    let v = serde_json::json!({"object": "list", "data": [{"id": fp, "object": "model",
+        "owned_by": "vllm", "root": "/tmp/enc-hf", "parent": null, "max_model_len": 2048}]});
+    let info = vllm_model_info(&v).unwrap();
+    assert_eq!(info.key_fingerprint.as_deref(), Some(fp));
+    assert_eq!((info.id.as_str(), info.context_length), (fp, 2048));
+    // The fingerprint may also be in the checkpoint path (`root`).
+    let v = serde_json::json!({"data": [{"id": "m", "root": format!("/srv/enc-{fp}")}]});
+    assert_eq!(
+        vllm_model_info(&v).unwrap().key_fingerprint.as_deref(),
+        Some(fp)
+    );
+    for bad in [
+        serde_json::json!({"data": []}),
+        serde_json::json!({"data": [{}]}),
+    ] {
+        assert!(matches!(
+            vllm_model_info(&bad),
+            Err(ClientError::MalformedResponse(_))
+        ));
+    }
+
+    let req: CompletionRequest = serde_json::from_str(
+        r#"{"prompt":[3,4],"n_predict":5,"seed":18446744073709551615,"stop_ids":[9],"top_k":0}"#,
+    )
+    .unwrap();
+    let v = serde_json::to_value(VllmRequest::new(fp, &req, true).unwrap()).unwrap();
+    assert_eq!(v["model"], fp);
+    assert_eq!(v["prompt"], serde_json::json!([3, 4]));
+    assert_eq!(v["max_tokens"], 5);
+    assert_eq!(v["stop_token_ids"], serde_json::json!([9]));
+    assert_eq!(v["return_token_ids"], true);
+    assert_eq!(v["seed"], i64::MAX);
+    assert!(v.get("ignore_eos").is_none());
+    let open: CompletionRequest =
+        serde_json::from_str(r#"{"prompt":[3],"n_predict":-1,"ignore_eos":true}"#).unwrap();
+    let v = serde_json::to_value(VllmRequest::new(fp, &open, false).unwrap()).unwrap();
+    assert!(v.get("max_tokens").is_none(), "{v}");
+    assert!(v.get("stop_token_ids").is_none(), "{v}");
+    assert_eq!(v["ignore_eos"], true);
+    assert_eq!(vllm_seed(5), 5);
+    let probs: CompletionRequest = serde_json::from_str(r#"{"prompt":[3],"n_probs":2}"#).unwrap();
+    assert!(matches!(
+        VllmRequest::new(fp, &probs, false),
+        Err(ClientError::Unsupported(_))
+    ));
 }

@@ -199,7 +199,12 @@ impl TokenStream {
             self.queue.push_back(StreamEvent::Tokens(resp.tokens));
         }
         if resp.stop {
-            self.finish(resp.stop_type, resp.timings, resp.tokens_predicted);
+            // vLLM's chunks count nothing: its final chunk says only why it stopped.
+            let predicted = match self.backend {
+                Backend::Vllm => self.delivered,
+                Backend::Equicrypt | Backend::LlamaCpp => resp.tokens_predicted,
+            };
+            self.finish(resp.stop_type, resp.timings, predicted);
         }
         Ok(())
     }

@@ -15,6 +15,7 @@ use serde_json::Value;
 
 use super::llamacpp::{LlamaCppRequest, LlamaCppResponse};
 use super::token_stream::TokenStream;
+use super::vllm::{vllm_model_info, VllmRequest, VllmResponse};
 use crate::{ClientError, Result};
 
 /// Longest server error text kept in [`ClientError::Server`] when the body is not JSON.
@@ -27,6 +28,19 @@ pub enum Backend {
     Equicrypt,
     /// llama.cpp's `llama-server` serving an encrypted GGUF.
     LlamaCpp,
+    /// vLLM's OpenAI server serving an encrypted transformers checkpoint
+    /// (`--skip-tokenizer-init`; token-id prompts on `/v1/completions`).
+    Vllm,
+}
+
+impl Backend {
+    /// The completion endpoint's path.
+    fn completion_path(self) -> &'static str {
+        match self {
+            Backend::Equicrypt | Backend::LlamaCpp => "/completion",
+            Backend::Vllm => "/v1/completions",
+        }
+    }
 }
 
 /// HTTP client of one blind server.
@@ -40,6 +54,8 @@ pub struct RemoteClient {
     session: Option<String>,
     /// llama-server: the ciphertext id of the file's EOS (from `/props`), looked up once.
     pub(super) server_eos: Arc<tokio::sync::OnceCell<Option<u32>>>,
+    /// vLLM: the served model's name (every request names it), looked up once.
+    served_model: Arc<tokio::sync::OnceCell<String>>,
 }
 
 impl RemoteClient {
@@ -87,6 +103,7 @@ impl RemoteClient {
             allow_unverified: false,
             session: None,
             server_eos: Arc::default(),
+            served_model: Arc::default(),
         })
     }
 
@@ -160,7 +177,21 @@ impl RemoteClient {
                 let v: Value = parse_json(&body, "/v1/models")?;
                 self.llamacpp_model_info(&v).await
             }
+            Backend::Vllm => {
+                let v: Value = parse_json(&body, "/v1/models")?;
+                let info = vllm_model_info(&v)?;
+                let _ = self.served_model.set(info.id.clone());
+                Ok(info)
+            }
         }
+    }
+
+    /// vLLM: the served model's name, from `/v1/models` the first time.
+    async fn vllm_served_model(&self) -> Result<&str> {
+        self.served_model
+            .get_or_try_init(|| async { self.model_info().await.map(|i| i.id) })
+            .await
+            .map(String::as_str)
     }
 
     /// Checks that the served model was encrypted with the key of fingerprint `expected`, before
@@ -169,8 +200,8 @@ impl RemoteClient {
     /// [`RemoteClient::allow_unverified_fingerprint`] was set.
     ///
     /// An equicrypt server also reports the session label of a re-keyed model: one other than
-    /// [`RemoteClient::expect_session`]'s is [`ClientError::SessionMismatch`]. llama-server
-    /// reports none, so there the session is not checked.
+    /// [`RemoteClient::expect_session`]'s is [`ClientError::SessionMismatch`]. llama-server and
+    /// vLLM report none, so there the session is not checked.
     pub async fn check_fingerprint(&self, expected: &KeyFingerprint) -> Result<ModelInfo> {
         let info = self.model_info().await?;
         match &info.key_fingerprint {
@@ -201,7 +232,7 @@ impl RemoteClient {
     /// (llama-server does not know stop ids) and `stop_type` becomes [`StopType::Eos`].
     pub async fn complete(&self, req: &CompletionRequest) -> Result<CompletionResponse> {
         let resp = self.post_completion(req, false).await?;
-        let url = self.url("/completion");
+        let url = self.url(self.backend.completion_path());
         let body = resp.bytes().await.map_err(|e| transport(&url, &e))?;
         let v: Value = parse_json(&body, "/completion")?;
         let mut out = self.normalize(v)?;
@@ -209,7 +240,7 @@ impl RemoteClient {
         if let Some(i) = out.tokens.iter().position(|t| is_stop(&stops, *t)) {
             out.tokens.truncate(i);
             out.stop_type = StopType::Eos;
-            if self.backend == Backend::LlamaCpp {
+            if self.backend != Backend::Equicrypt {
                 out.completion_probabilities.truncate(i);
                 out.tokens_predicted = i;
             }
@@ -236,11 +267,11 @@ impl RemoteClient {
         stop_ids: &[u32],
     ) -> Result<TokenStream> {
         let server_eos = match self.backend {
-            Backend::Equicrypt => None,
+            Backend::Equicrypt | Backend::Vllm => None,
             Backend::LlamaCpp => self.llamacpp_eos().await,
         };
         let resp = self.post_completion(req, true).await?;
-        let url = self.url("/completion");
+        let url = self.url(self.backend.completion_path());
         let body = resp
             .bytes_stream()
             .map(move |r| r.map(|b| b.to_vec()).map_err(|e| transport(&url, &e)))
@@ -255,7 +286,7 @@ impl RemoteClient {
         req: &CompletionRequest,
         stream: bool,
     ) -> Result<reqwest::Response> {
-        let url = self.url("/completion");
+        let url = self.url(self.backend.completion_path());
         let builder = self.http.post(&url);
         let builder = match self.backend {
             Backend::Equicrypt => {
@@ -264,6 +295,12 @@ impl RemoteClient {
                 builder.json(&r)
             }
             Backend::LlamaCpp => builder.json(&LlamaCppRequest::new(req, stream)),
+            Backend::Vllm => {
+                // Checked before the model lookup: nothing is sent for a request vLLM refuses.
+                VllmRequest::new("", req, stream)?;
+                let model = self.vllm_served_model().await?;
+                builder.json(&VllmRequest::new(model, req, stream)?)
+            }
         };
         let resp = builder.send().await.map_err(|e| transport(&url, &e))?;
         check_status(resp).await
@@ -305,6 +342,11 @@ pub(super) fn normalize(backend: Backend, v: Value) -> Result<CompletionResponse
                 ClientError::MalformedResponse(format!("llama-server completion: {e}"))
             })?;
             Ok(r.into_protocol())
+        }
+        Backend::Vllm => {
+            let r: VllmResponse = serde_json::from_value(v)
+                .map_err(|e| ClientError::MalformedResponse(format!("vLLM completion: {e}")))?;
+            r.into_protocol()
         }
     }
 }
