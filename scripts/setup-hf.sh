@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Creates (once) the Python environment of the Hugging Face checks — transformers on PyTorch CPU —
 # in $1 (default ${EQUICRYPT_CACHE_DIR:-/work/cache})/hf-venv, outside the repository, and prints
-# its python. Versions are pinned; PyPI's torch wheel is the CUDA build (about 3 GB with its
+# its python (with sentence-transformers for the encoder checks). Versions are pinned; PyPI's torch wheel is the CUDA build (about 3 GB with its
 # nvidia-* dependencies) and runs on the CPU without a GPU.
 set -euo pipefail
 cache="${1:-${EQUICRYPT_CACHE_DIR:-/work/cache}}"
@@ -12,7 +12,16 @@ check='import torch, transformers, accelerate, gguf, safetensors, numpy
 ok = (torch.__version__.split("+")[0] == "2.13.0" and transformers.__version__ == "5.24.0"
       and accelerate.__version__ == "1.15.0")
 raise SystemExit(0 if ok else 1)'
+# Added after the first pins: installed into an existing venv without rebuilding it.
+extras=(sentence-transformers==6.2.0)
+extras_check='import importlib.metadata as m
+raise SystemExit(0 if m.version("sentence-transformers") == "6.2.0" else 1)'
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "$check" >/dev/null 2>&1; then
+    if ! "$venv/bin/python" -c "$extras_check" >/dev/null 2>&1; then
+        echo "adding ${extras[*]} to $venv…" >&2
+        "$venv/bin/python" -m pip install --quiet "${extras[@]}" >&2
+        "$venv/bin/python" -c "$extras_check"
+    fi
     echo "$venv/bin/python"
     exit 0
 fi
@@ -21,6 +30,7 @@ rm -rf "$venv"
 mkdir -p "$cache"
 python3 -m venv "$venv"
 "$venv/bin/python" -m pip install --quiet --upgrade pip setuptools >&2
-"$venv/bin/python" -m pip install --quiet "${pins[@]}" >&2
+"$venv/bin/python" -m pip install --quiet "${pins[@]}" "${extras[@]}" >&2
 "$venv/bin/python" -c "$check"
+"$venv/bin/python" -c "$extras_check"
 echo "$venv/bin/python"

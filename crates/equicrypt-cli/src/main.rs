@@ -301,7 +301,7 @@ fn run(cli: Cli) -> Result<()> {
                 r.bytes as f64 / 1e6,
                 r.seconds,
                 out.display(),
-                opts.mode.as_str(),
+                r.mode.as_str(),
                 r.fingerprint
             );
         }

@@ -24,15 +24,7 @@ fn encrypted_checkpoint_answers_as_the_plain_one_in_transformers() {
     let key = dir.path().join("k.key");
     support::keygen(&key);
     let enc = dir.path().join("enc");
-    support::run_ok(&[
-        "encrypt".as_ref(),
-        "--key".as_ref(),
-        key.as_os_str(),
-        "--model".as_ref(),
-        plain.as_os_str(),
-        "--out".as_ref(),
-        enc.as_os_str(),
-    ]);
+    support::encrypt(&key, &plain, &enc);
     let (stdout, r) = support::verify_short_job(
         dir.path(),
         &[

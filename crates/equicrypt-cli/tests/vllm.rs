@@ -61,15 +61,7 @@ async fn encrypted_checkpoint_on_stock_vllm_answers_as_the_plain_one() {
     let key_path = dir.path().join("k.key");
     let key = support::keygen(&key_path);
     let enc = dir.path().join("enc");
-    support::run_ok(&[
-        "encrypt".as_ref(),
-        "--key".as_ref(),
-        key_path.as_os_str(),
-        "--model".as_ref(),
-        plain.as_os_str(),
-        "--out".as_ref(),
-        enc.as_os_str(),
-    ]);
+    support::encrypt(&key_path, &plain, &enc);
 
     // The client reads the plaintext checkpoint directory's tokenizer and chat template.
     let tok = GgufTokenizer::from_hf_dir(&plain).unwrap();

@@ -7,7 +7,7 @@
 //! `content`), like Python dicts.
 //!
 //! A GGUF without `tokenizer.chat_template` gets its architecture's built-in template when there
-//! is one ([`builtin_template`]), as llama.cpp falls back to its built-in ones: Gemma 3 GGUFs
+//! is one (`builtin_template`), as llama.cpp falls back to its built-in ones: Gemma 3 GGUFs
 //! converted from base checkpoints carry none.
 
 use std::collections::HashMap;
@@ -203,7 +203,7 @@ impl ChatTemplate {
         })
     }
 
-    /// Reads `tokenizer.chat_template` (or the architecture's [`builtin_template`]) and the
+    /// Reads `tokenizer.chat_template` (or the architecture's built-in template) and the
     /// BOS/EOS token texts (empty when their ids are absent) from GGUF metadata.
     pub fn from_metadata(md: &HashMap<String, GgufValue>) -> Result<Self> {
         let builtin = || {

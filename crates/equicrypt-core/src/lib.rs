@@ -9,6 +9,7 @@
 #![forbid(unsafe_code)]
 #![warn(missing_docs)]
 
+mod bert;
 pub mod config;
 mod exactness;
 pub mod families;
@@ -16,6 +17,7 @@ mod key;
 mod llama;
 mod permutation;
 
+pub use bert::{BertConfig, BertPlan, BERT_MODEL_TYPES};
 pub use config::{
     ConfigError, Gemma3Config, LlamaConfig, MetaValue, MetadataSource, ModelConfig, RopeLayout,
 };

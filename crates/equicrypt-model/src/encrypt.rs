@@ -80,6 +80,8 @@ pub struct EncryptReport {
     pub seconds: f64,
     /// Fingerprint of the key used.
     pub fingerprint: KeyFingerprint,
+    /// The mode recorded in the output (encoders always use [`PermMode::Full`]).
+    pub mode: PermMode,
 }
 
 /// Reads the configuration of a GGUF file with its family's one config reader
@@ -285,6 +287,7 @@ pub fn encrypt_gguf(
         bytes: total,
         seconds: start.elapsed().as_secs_f64(),
         fingerprint: key.fingerprint(),
+        mode: plan.mode,
     })
 }
 
@@ -308,13 +311,24 @@ pub fn plan_jobs<F: ArchFamily>(
     plan: &LlamaPlan,
     src: &dyn TensorSource,
 ) -> Result<Vec<(TensorInfo, TensorTransform)>, ModelError> {
+    plan_jobs_by(src, |name| {
+        let role = family
+            .role_of(name)
+            .ok_or_else(|| CoreError::UnsupportedTensor(name.to_string()))?;
+        plan.transform_for_role(role)
+    })
+}
+
+/// [`plan_jobs`] with the transform of each tensor name given by `transform_for` (a plan that
+/// knows tensors by name, such as an encoder's).
+pub fn plan_jobs_by(
+    src: &dyn TensorSource,
+    transform_for: impl Fn(&str) -> Result<TensorTransform, CoreError>,
+) -> Result<Vec<(TensorInfo, TensorTransform)>, ModelError> {
     let infos = src.tensor_infos();
     let mut jobs = Vec::with_capacity(infos.len());
     for t in infos {
-        let role = family
-            .role_of(&t.name)
-            .ok_or_else(|| CoreError::UnsupportedTensor(t.name.clone()))?;
-        let tr = plan.transform_for_role(role)?;
+        let tr = transform_for(&t.name)?;
         let cols = *t.dims.last().unwrap_or(&1);
         let rows = t.dims.iter().rev().skip(1).product::<usize>();
         crate::quant::check_transform(t.dtype, rows, cols, &tr).map_err(|e| match e {

@@ -17,13 +17,14 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use equicrypt_core::{
-    ArchFamily, HfLlamaFamily, KeyFingerprint, LlamaPlan, MetaValue, MetadataSource, PermMode,
-    SecretKey, VocabPermutation,
+    ArchFamily, BertConfig, BertPlan, ConfigError, CoreError, HfLlamaFamily, KeyFingerprint,
+    LlamaPlan, MetaValue, MetadataSource, PermMode, SecretKey, TensorTransform, VocabPermutation,
+    BERT_MODEL_TYPES,
 };
 use serde_json::{json, Map, Value};
 
 use crate::encrypt::{
-    plan_jobs, transform_into, EncryptOptions, EncryptReport, EncryptedModelInfo, FORMAT_VERSION,
+    plan_jobs_by, transform_into, EncryptOptions, EncryptReport, EncryptedModelInfo, FORMAT_VERSION,
 };
 use crate::safetensors::{SafetensorsSink, SafetensorsSource};
 use crate::source::{TensorInfo, TensorSource};
@@ -128,8 +129,10 @@ impl HfCheckpoint {
         };
         let mut dims = HashMap::new();
         let mut sources = Vec::with_capacity(shards.len());
+        let mut dropped = BTreeSet::new();
         for s in shards {
             let src = SafetensorsSource::open(&dir.join(&s))?;
+            dropped.extend(src.dropped_buffers().iter().cloned());
             for t in src.tensor_infos() {
                 if let Some(claimed) = &claimed {
                     if claimed.get(&t.name) != Some(&s) {
@@ -149,12 +152,22 @@ impl HfCheckpoint {
             sources.push((s, src));
         }
         if let Some(claimed) = &claimed {
-            if let Some(name) = claimed.keys().find(|n| !dims.contains_key(*n)) {
+            if let Some(name) = claimed
+                .keys()
+                .find(|n| !dims.contains_key(*n) && !dropped.contains(*n))
+            {
                 return Err(ModelError::Metadata(format!(
                     "{INDEX} lists tensor '{name}', which no shard holds"
                 )));
             }
         }
+        // The encrypted checkpoint carries no position-index buffers: its index must not list them.
+        let index = index.map(|mut ix| {
+            if let Some(Value::Object(map)) = ix.get_mut("weight_map") {
+                map.retain(|name, _| !dropped.contains(name));
+            }
+            ix
+        });
         Ok(Self {
             dir: dir.to_path_buf(),
             config,
@@ -273,6 +286,117 @@ fn write_json(path: &Path, v: &Value) -> Result<(), ModelError> {
     std::fs::write(path, text + "\n").map_err(|e| ModelError::io(path, e))
 }
 
+/// The plan of one checkpoint, by family: LLaMA-shaped decoders or BERT encoders.
+enum HfPlan {
+    Llama(LlamaPlan),
+    Bert(BertPlan),
+}
+
+impl HfPlan {
+    /// Reads the family's config from `ck` (dispatching on `model_type`) and derives its plan.
+    fn derive(key: &SecretKey, ck: &HfCheckpoint, mode: PermMode) -> Result<Self, ModelError> {
+        let model_type = ck.config.get("model_type").and_then(Value::as_str);
+        if model_type.is_some_and(|t| BERT_MODEL_TYPES.contains(&t)) {
+            let config = BertConfig::read(ck).map_err(CoreError::from)?;
+            return Ok(HfPlan::Bert(BertPlan::derive(key, config)?));
+        }
+        let config = HfLlamaFamily.read_config(ck).map_err(|e| match e {
+            ConfigError::UnsupportedArchitecture { arch } => ConfigError::UnsupportedArchitecture {
+                arch: format!("{arch} (supported model_type: {HF_SUPPORTED})"),
+            },
+            other => other,
+        });
+        Ok(HfPlan::Llama(LlamaPlan::derive(
+            key,
+            config.map_err(CoreError::from)?,
+            mode,
+        )?))
+    }
+
+    fn transform_for(&self, name: &str) -> Result<TensorTransform, CoreError> {
+        match self {
+            HfPlan::Llama(p) => p.transform_for_role(
+                HfLlamaFamily
+                    .role_of(name)
+                    .ok_or_else(|| CoreError::UnsupportedTensor(name.to_string()))?,
+            ),
+            HfPlan::Bert(p) => p.transform_for(name),
+        }
+    }
+
+    fn vocab(&self) -> &VocabPermutation {
+        match self {
+            HfPlan::Llama(p) => &p.vocab,
+            HfPlan::Bert(p) => &p.vocab,
+        }
+    }
+
+    /// The recorded mode: encoders always draw from the full key space (heads move; outputs
+    /// agree to rounding, as any float reordering does).
+    fn mode(&self) -> PermMode {
+        match self {
+            HfPlan::Llama(p) => p.mode,
+            HfPlan::Bert(_) => PermMode::Full,
+        }
+    }
+
+    fn context_length(&self) -> usize {
+        match self {
+            HfPlan::Llama(p) => p.config.context_length,
+            HfPlan::Bert(p) => p.config.max_position,
+        }
+    }
+}
+
+/// `model_type` values [`encrypt_hf`] accepts, for error messages.
+const HF_SUPPORTED: &str = "llama, mistral, qwen2, bert";
+
+/// sentence-transformers' module files, copied as they are: they name no token and no model
+/// (`modules.json`, the pooling and normalization settings, `sentence_bert_config.json`'s
+/// sequence length, `config_sentence_transformers.json`'s library versions). The model card
+/// (`README.md`) and training-data lists are not copied.
+fn copy_sentence_transformers_files(from: &Path, to: &Path) -> Result<(), ModelError> {
+    let modules = from.join("modules.json");
+    if !modules.is_file() {
+        return Ok(());
+    }
+    let Value::Array(list) = read_json(&modules)? else {
+        return Err(ModelError::Metadata(
+            "modules.json is not a JSON array".into(),
+        ));
+    };
+    for f in [
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+    ] {
+        if from.join(f).is_file() {
+            std::fs::copy(from.join(f), to.join(f))
+                .map_err(|e| ModelError::io(&from.join(f), e))?;
+        }
+    }
+    for m in &list {
+        let Some(sub) = m.get("path").and_then(Value::as_str) else {
+            continue;
+        };
+        if sub.is_empty() {
+            continue;
+        }
+        if sub.contains('/') || sub.contains('\\') || sub.starts_with('.') {
+            return Err(ModelError::Metadata(format!(
+                "modules.json: module path '{sub}' is not a plain directory name"
+            )));
+        }
+        let cfg = from.join(sub).join("config.json");
+        std::fs::create_dir_all(to.join(sub)).map_err(|e| ModelError::io(&to.join(sub), e))?;
+        if cfg.is_file() {
+            std::fs::copy(&cfg, to.join(sub).join("config.json"))
+                .map_err(|e| ModelError::io(&cfg, e))?;
+        }
+    }
+    Ok(())
+}
+
 /// Encrypts the transformers checkpoint directory `input` into the new directory `output`.
 ///
 /// Every shard's transforms are resolved before anything is written (unknown tensors, shapes that
@@ -294,12 +418,10 @@ pub fn encrypt_hf(
     if ck.is_encrypted() {
         return Err(ModelError::AlreadyEncrypted(input.display().to_string()));
     }
-    let family = HfLlamaFamily;
-    let config = family.read_config(&ck)?;
-    let plan = LlamaPlan::derive(key, config, opts.mode)?;
+    let plan = HfPlan::derive(key, &ck, opts.mode)?;
     let mut shard_jobs = Vec::with_capacity(ck.shards.len());
     for (name, src) in std::mem::take(&mut ck.shards) {
-        let jobs = plan_jobs(&family, &plan, &src)?;
+        let jobs = plan_jobs_by(&src, |n| plan.transform_for(n))?;
         shard_jobs.push((name, src, jobs));
     }
     let parent = match output.parent() {
@@ -324,7 +446,10 @@ pub fn encrypt_hf(
             "equicrypt.key_fingerprint".to_string(),
             fingerprint.0.clone(),
         ),
-        ("equicrypt.mode".to_string(), plan.mode.as_str().to_string()),
+        (
+            "equicrypt.mode".to_string(),
+            plan.mode().as_str().to_string(),
+        ),
     ]);
     let mut tensors = 0;
     for (name, mut src, jobs) in shard_jobs {
@@ -341,13 +466,13 @@ pub fn encrypt_hf(
     let mut config = ck.config.clone();
     // `_name_or_path` (4.x) and `_model_name_or_path` (5.x) name the model.
     config.retain(|k, _| !k.contains("name_or_path"));
-    map_special_ids(&mut config, &plan.vocab)?;
+    map_special_ids(&mut config, plan.vocab())?;
     config.insert(
         CONFIG_KEY.into(),
         json!({
             "format_version": FORMAT_VERSION,
             "key_fingerprint": fingerprint.0,
-            "mode": plan.mode.as_str(),
+            "mode": plan.mode().as_str(),
         }),
     );
     write_json(&tmp.path().join("config.json"), &Value::Object(config))?;
@@ -359,13 +484,13 @@ pub fn encrypt_hf(
             ));
         };
         gen.retain(|k, _| !k.contains("name_or_path"));
-        map_special_ids(&mut gen, &plan.vocab)?;
+        map_special_ids(&mut gen, plan.vocab())?;
         write_json(
             &tmp.path().join("generation_config.json"),
             &Value::Object(gen),
         )?;
     }
-    let n = plan.config.vocab_size;
+    let n = plan.vocab().len();
     write_json(
         &tmp.path().join("tokenizer.json"),
         &placeholder_tokenizer(n),
@@ -373,12 +498,12 @@ pub fn encrypt_hf(
     let name_of = |k: &str| -> Option<String> {
         let id = ck.config.get(k)?.as_u64()?;
         Some(placeholder_token(
-            plan.vocab.encrypt_id(u32::try_from(id).ok()?).ok()? as usize,
+            plan.vocab().encrypt_id(u32::try_from(id).ok()?).ok()? as usize,
         ))
     };
     let mut tok_cfg = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": plan.config.context_length,
+        "model_max_length": plan.context_length(),
         "clean_up_tokenization_spaces": false,
     });
     for (k, id_key) in [("bos_token", "bos_token_id"), ("eos_token", "eos_token_id")] {
@@ -387,6 +512,7 @@ pub fn encrypt_hf(
         }
     }
     write_json(&tmp.path().join("tokenizer_config.json"), &tok_cfg)?;
+    copy_sentence_transformers_files(&ck.dir, tmp.path())?;
 
     let staged = tmp.keep();
     if let Err(e) = std::fs::rename(&staged, output) {
@@ -398,5 +524,6 @@ pub fn encrypt_hf(
         bytes: total,
         seconds: start.elapsed().as_secs_f64(),
         fingerprint,
+        mode: plan.mode(),
     })
 }

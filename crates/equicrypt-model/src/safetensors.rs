@@ -43,7 +43,18 @@ fn to_st(d: GgmlDType) -> Option<Dtype> {
     }
 }
 
+/// Whether a tensor is an integer position-index buffer (`…position_ids`, `0..n` that
+/// transformers rebuilds at load time; older BERT checkpoints carry it): not a model weight.
+fn is_position_index_buffer(name: &str, dtype: Dtype) -> bool {
+    (name == "position_ids" || name.ends_with(".position_ids"))
+        && matches!(dtype, Dtype::I64 | Dtype::I32)
+}
+
 /// An opened, validated safetensors file.
+///
+/// Integer position-index buffers ([`SafetensorsSource::dropped_buffers`]) are left out of its
+/// tensors: encryption does not carry them, and transformers rebuilds them. Any other tensor of
+/// a type without a permutation rule (integers, F64, …) is an error naming it.
 #[derive(Debug)]
 pub struct SafetensorsSource {
     path: PathBuf,
@@ -54,6 +65,8 @@ pub struct SafetensorsSource {
     metadata: HashMap<String, String>,
     /// Index into `tensors` of the last tensor a ranged read named (a lookup hint).
     last: usize,
+    /// Position-index buffers left out of `tensors`.
+    dropped: Vec<String>,
 }
 
 impl SafetensorsSource {
@@ -105,10 +118,15 @@ impl SafetensorsSource {
             )));
         }
         let mut tensors = Vec::new();
+        let mut dropped = Vec::new();
         for name in meta.offset_keys() {
             let info: &StInfo = meta
                 .info(&name)
                 .ok_or_else(|| ModelError::Internal(format!("tensor '{name}' vanished")))?;
+            if is_position_index_buffer(&name, info.dtype) {
+                dropped.push(name.clone());
+                continue;
+            }
             let dtype = to_ggml(info.dtype).ok_or_else(|| {
                 ModelError::UnsupportedTensorType(format!("{:?} (tensor '{name}')", info.dtype))
             })?;
@@ -140,7 +158,14 @@ impl SafetensorsSource {
             tensors,
             metadata: meta.metadata().clone().unwrap_or_default(),
             last: 0,
+            dropped,
         })
+    }
+
+    /// Integer position-index buffers the file holds but [`TensorSource::tensor_infos`] leaves
+    /// out (see [`SafetensorsSource`]).
+    pub fn dropped_buffers(&self) -> &[String] {
+        &self.dropped
     }
 
     /// The file's path.
