@@ -3,7 +3,8 @@
 //! ciphertext token ids, and its embeddings are the plaintext ones with their coordinates
 //! permuted by the key's hidden permutation σ. Since σ is orthogonal, retrieval over *encrypted*
 //! embeddings ranks real sentences (the Brown corpus, `fetch-corpus brown`) exactly as over
-//! plaintext ones.
+//! plaintext ones. And, as for decoders, a server holding the public checkpoint reads the
+//! vocabulary permutation off the word embedding (A1, sorted-row matching).
 //!
 //! Needs `models/minilm`, `models/corpora/brown` and the transformers environment with
 //! sentence-transformers (`scripts/setup-hf.sh`); SKIP otherwise unless
@@ -16,6 +17,8 @@ use std::process::Command;
 
 use equicrypt_core::{BertConfig, BertPlan, VocabPermutation};
 use equicrypt_model::hf::HfCheckpoint;
+use equicrypt_model::safetensors::SafetensorsSource;
+use equicrypt_model::source::TensorSource;
 use equicrypt_test_support::{heavy_lock, hf_python, require_or_skip, workspace};
 use serde_json::{json, Value};
 
@@ -203,4 +206,40 @@ fn encrypted_minilm_embeds_as_the_plain_one_in_sentence_transformers() {
          {top1}/{QUERIES} queries find their own sentence first"
     );
     assert!(top1 >= QUERIES / 2, "the model finds too few: {top1}");
+
+    // A1 against a server holding the public checkpoint: sorted-row matching of the word
+    // embedding names the plaintext token of (almost) every ciphertext id, as for decoders.
+    let word_embedding = |dir: &std::path::Path| -> Vec<f32> {
+        let mut src = SafetensorsSource::open(&dir.join("model.safetensors")).unwrap();
+        src.read_tensor_bytes("embeddings.word_embeddings.weight")
+            .unwrap()
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect()
+    };
+    let m = equicrypt_audit::weight_matching::match_rows(
+        &word_embedding(&plain),
+        &word_embedding(&enc),
+        plan.config.d_model,
+    )
+    .unwrap();
+    let correct = m
+        .guess
+        .iter()
+        .enumerate()
+        .filter(|(c, g)| **g == Some(vocab.decrypt_id(*c as u32).unwrap()))
+        .count();
+    let wrong = m.guess.iter().flatten().count() - correct;
+    println!(
+        "A1 on MiniLM's word embedding: {correct}/{} ciphertext ids named correctly, {wrong} wrongly, \
+         {} ambiguous, in {:.2} s",
+        m.guess.len(),
+        m.ambiguous,
+        m.seconds
+    );
+    assert_eq!(wrong, 0);
+    assert!(
+        correct * 10 > m.guess.len() * 9,
+        "A1 named only {correct} ids: the encoder would hide more than the decoders"
+    );
 }
