@@ -332,18 +332,8 @@ impl SyntheticLlama {
 /// scale benchmark: real sizes, pseudo-random weights.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct HfShape {
-    /// Transformer blocks.
-    pub n_layers: usize,
-    /// Hidden size.
-    pub d_model: usize,
-    /// FFN width.
-    pub d_ff: usize,
-    /// Query heads.
-    pub n_head: usize,
-    /// Key/value heads.
-    pub n_kv_head: usize,
-    /// Vocabulary.
-    pub vocab: usize,
+    /// Blocks, widths, heads and vocabulary.
+    pub shape: SyntheticShape,
     /// Untied `lm_head.weight`.
     pub untied_head: bool,
 }
@@ -351,31 +341,35 @@ pub struct HfShape {
 impl HfShape {
     /// Llama 3.2 1B: 16 blocks, hidden 2048, FFN 8192, 32/8 heads, vocabulary 128256, tied.
     pub const LLAMA_1B: HfShape = HfShape {
-        n_layers: 16,
-        d_model: 2048,
-        d_ff: 8192,
-        n_head: 32,
-        n_kv_head: 8,
-        vocab: 128_256,
+        shape: SyntheticShape {
+            n_layers: 16,
+            d_model: 2048,
+            d_ff: 8192,
+            n_head: 32,
+            n_kv_head: 8,
+            vocab: 128_256,
+        },
         untied_head: false,
     };
     /// Llama 2 7B: 32 blocks, hidden 4096, FFN 11008, 32 heads, vocabulary 32000, untied.
     pub const LLAMA_7B: HfShape = HfShape {
-        n_layers: 32,
-        d_model: 4096,
-        d_ff: 11008,
-        n_head: 32,
-        n_kv_head: 32,
-        vocab: 32_000,
+        shape: SyntheticShape {
+            n_layers: 32,
+            d_model: 4096,
+            d_ff: 11008,
+            n_head: 32,
+            n_kv_head: 32,
+            vocab: 32_000,
+        },
         untied_head: true,
     };
 
     /// Every tensor (transformers name, shape), in file order.
     pub fn tensors(&self) -> Vec<(String, Vec<usize>)> {
-        let hd = self.d_model / self.n_head;
-        let (d, kv) = (self.d_model, self.n_kv_head * hd);
-        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![self.vocab, d])];
-        for l in 0..self.n_layers {
+        let sh = &self.shape;
+        let (d, kv) = (sh.d_model, sh.n_kv_head * sh.head_dim());
+        let mut t = vec![("model.embed_tokens.weight".to_string(), vec![sh.vocab, d])];
+        for l in 0..sh.n_layers {
             let p = |s: &str| format!("model.layers.{l}.{s}");
             t.push((p("input_layernorm.weight"), vec![d]));
             t.push((p("self_attn.q_proj.weight"), vec![d, d]));
@@ -383,13 +377,13 @@ impl HfShape {
             t.push((p("self_attn.v_proj.weight"), vec![kv, d]));
             t.push((p("self_attn.o_proj.weight"), vec![d, d]));
             t.push((p("post_attention_layernorm.weight"), vec![d]));
-            t.push((p("mlp.gate_proj.weight"), vec![self.d_ff, d]));
-            t.push((p("mlp.up_proj.weight"), vec![self.d_ff, d]));
-            t.push((p("mlp.down_proj.weight"), vec![d, self.d_ff]));
+            t.push((p("mlp.gate_proj.weight"), vec![sh.d_ff, d]));
+            t.push((p("mlp.up_proj.weight"), vec![sh.d_ff, d]));
+            t.push((p("mlp.down_proj.weight"), vec![d, sh.d_ff]));
         }
         t.push(("model.norm.weight".into(), vec![d]));
         if self.untied_head {
-            t.push(("lm_head.weight".into(), vec![self.vocab, d]));
+            t.push(("lm_head.weight".into(), vec![sh.vocab, d]));
         }
         t
     }
@@ -451,11 +445,12 @@ impl HfShape {
             sink.finish()?;
         }
         let index = serde_json::json!({"metadata": {}, "weight_map": weight_map});
+        let sh = &self.shape;
         let config = serde_json::json!({
             "architectures": ["LlamaForCausalLM"], "model_type": "llama",
-            "hidden_size": self.d_model, "intermediate_size": self.d_ff,
-            "num_attention_heads": self.n_head, "num_key_value_heads": self.n_kv_head,
-            "num_hidden_layers": self.n_layers, "vocab_size": self.vocab,
+            "hidden_size": sh.d_model, "intermediate_size": sh.d_ff,
+            "num_attention_heads": sh.n_head, "num_key_value_heads": sh.n_kv_head,
+            "num_hidden_layers": sh.n_layers, "vocab_size": sh.vocab,
             "max_position_embeddings": 4096, "rms_norm_eps": 1e-5, "rope_theta": 10000.0,
             "tie_word_embeddings": !self.untied_head, "torch_dtype": "bfloat16",
             "bos_token_id": 1, "eos_token_id": 2,

@@ -503,7 +503,7 @@ fn vllm_models_and_request_shape() {
         r#"{"prompt":[3,4],"n_predict":5,"seed":18446744073709551615,"stop_ids":[9],"top_k":0}"#,
     )
     .unwrap();
-    let v = serde_json::to_value(VllmRequest::new(fp, &req, true).unwrap()).unwrap();
+    let v = serde_json::to_value(VllmRequest::new(fp, &req, true)).unwrap();
     assert_eq!(v["model"], fp);
     assert_eq!(v["prompt"], serde_json::json!([3, 4]));
     assert_eq!(v["max_tokens"], 5);
@@ -513,14 +513,15 @@ fn vllm_models_and_request_shape() {
     assert!(v.get("ignore_eos").is_none());
     let open: CompletionRequest =
         serde_json::from_str(r#"{"prompt":[3],"n_predict":-1,"ignore_eos":true}"#).unwrap();
-    let v = serde_json::to_value(VllmRequest::new(fp, &open, false).unwrap()).unwrap();
+    let v = serde_json::to_value(VllmRequest::new(fp, &open, false)).unwrap();
     assert!(v.get("max_tokens").is_none(), "{v}");
     assert!(v.get("stop_token_ids").is_none(), "{v}");
     assert_eq!(v["ignore_eos"], true);
     assert_eq!(vllm_seed(5), 5);
     let probs: CompletionRequest = serde_json::from_str(r#"{"prompt":[3],"n_probs":2}"#).unwrap();
     assert!(matches!(
-        VllmRequest::new(fp, &probs, false),
+        VllmRequest::check(&probs),
         Err(ClientError::Unsupported(_))
     ));
+    assert!(VllmRequest::check(&req).is_ok());
 }

@@ -297,9 +297,9 @@ impl RemoteClient {
             Backend::LlamaCpp => builder.json(&LlamaCppRequest::new(req, stream)),
             Backend::Vllm => {
                 // Checked before the model lookup: nothing is sent for a request vLLM refuses.
-                VllmRequest::new("", req, stream)?;
+                VllmRequest::check(req)?;
                 let model = self.vllm_served_model().await?;
-                builder.json(&VllmRequest::new(model, req, stream)?)
+                builder.json(&VllmRequest::new(model, req, stream))
             }
         };
         let resp = builder.send().await.map_err(|e| transport(&url, &e))?;

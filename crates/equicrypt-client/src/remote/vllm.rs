@@ -50,9 +50,9 @@ pub(super) struct VllmRequest<'a> {
 }
 
 impl<'a> VllmRequest<'a> {
-    /// The request for the served model `model`; [`ClientError::Unsupported`] for what vLLM
-    /// cannot answer without a tokenizer (log-probabilities).
-    pub(super) fn new(model: &'a str, r: &'a CompletionRequest, stream: bool) -> Result<Self> {
+    /// [`ClientError::Unsupported`] for what vLLM cannot answer without a tokenizer
+    /// (log-probabilities); checked before anything is sent.
+    pub(super) fn check(r: &CompletionRequest) -> Result<()> {
         if r.n_probs > 0 {
             return Err(ClientError::Unsupported(
                 "vLLM serving an encrypted checkpoint (--skip-tokenizer-init) returns no \
@@ -60,7 +60,12 @@ impl<'a> VllmRequest<'a> {
                     .into(),
             ));
         }
-        Ok(Self {
+        Ok(())
+    }
+
+    /// The request for the served model `model` (after [`VllmRequest::check`]).
+    pub(super) fn new(model: &'a str, r: &'a CompletionRequest, stream: bool) -> Self {
+        Self {
             model,
             prompt: &r.prompt,
             // A negative n_predict means "up to the server's limit": vLLM's default.
@@ -74,7 +79,7 @@ impl<'a> VllmRequest<'a> {
             ignore_eos: r.ignore_eos,
             stream,
             return_token_ids: true,
-        })
+        }
     }
 }
 
