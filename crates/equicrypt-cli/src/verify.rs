@@ -47,6 +47,17 @@ pub struct VerifyArgs {
     /// transformers checkpoint directory (default: `--plain`).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
+    /// ONNX models (`--plain M.onnx --encrypted DIR`): directory of `<input name>.npy` files,
+    /// one row per input along axis 0. `--engine` is then `tract` or `onnxruntime`.
+    #[arg(long)]
+    inputs: Option<PathBuf>,
+    /// ONNX models: integer class labels (`.npy`), one per input, for accuracy.
+    #[arg(long)]
+    labels: Option<PathBuf>,
+    /// ONNX models with `--engine onnxruntime`: also measure throughput, plain vs encrypted,
+    /// in 5 interleaved rounds of about this many seconds each.
+    #[arg(long)]
+    bench: Option<f64>,
 }
 
 /// Logit-level comparison over a text.
@@ -181,6 +192,28 @@ pub struct VerifyReport {
 /// Runs `verify`.
 pub fn run(a: &VerifyArgs) -> Result<()> {
     let key = keyfile::read(&a.pair.key)?;
+    if crate::onnx_cmds::is_onnx(&a.pair.plain) {
+        let Some(inputs) = &a.inputs else {
+            bail!("verify on an ONNX model needs --inputs DIR (one <input name>.npy per input)");
+        };
+        let engine = if a.engine == "equicrypt" {
+            "tract"
+        } else {
+            a.engine.as_str()
+        };
+        return crate::onnx_cmds::verify(
+            &key,
+            &crate::onnx_cmds::OnnxVerifyArgs {
+                plain: &a.pair.plain,
+                encrypted: &a.pair.encrypted,
+                inputs,
+                labels: a.labels.as_ref(),
+                engine,
+                json: a.json.as_ref(),
+                bench: a.bench,
+            },
+        );
+    }
     let client = ClientSide::load(a.tokenizer.as_ref().unwrap_or(&a.pair.plain), &key)?;
     let (mode, k_quants) = if a.engine == "transformers" {
         let ck = equicrypt_model::hf::HfCheckpoint::open(&a.pair.encrypted)?;

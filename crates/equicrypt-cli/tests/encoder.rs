@@ -12,15 +12,15 @@
 
 mod support;
 
-use std::path::PathBuf;
 use std::process::Command;
 
 use equicrypt_core::{BertConfig, BertPlan, VocabPermutation};
 use equicrypt_model::hf::HfCheckpoint;
 use equicrypt_model::safetensors::SafetensorsSource;
 use equicrypt_model::source::TensorSource;
-use equicrypt_test_support::{heavy_lock, hf_python, require_or_skip, workspace};
+use equicrypt_test_support::{heavy_lock, hf_python, workspace};
 use serde_json::{json, Value};
+use support::path_or_skip;
 
 /// Sentences taken from the corpus, and how many of them serve as queries.
 const SENTENCES: usize = 48;
@@ -35,17 +35,6 @@ fn ranking(q: &[f32], corpus: &[Vec<f32>]) -> Vec<usize> {
     let mut idx: Vec<usize> = (0..corpus.len()).collect();
     idx.sort_by(|&a, &b| dot(q, &corpus[b]).total_cmp(&dot(q, &corpus[a])));
     idx
-}
-
-fn path_or_skip(test: &str, p: PathBuf, hint: &str) -> Option<PathBuf> {
-    require_or_skip(
-        test,
-        p.exists(),
-        &p.display().to_string(),
-        "EQUICRYPT_REQUIRE_MODELS",
-        hint,
-    )
-    .map(|()| p)
 }
 
 #[test]

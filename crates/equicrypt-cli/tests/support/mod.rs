@@ -62,8 +62,8 @@ pub fn key_hex(path: &Path) -> String {
     hex
 }
 
-/// `equicrypt encrypt --key KEY --model PLAIN --out OUT`.
-pub fn encrypt(key: &Path, plain: &Path, out: &Path) {
+/// `equicrypt encrypt --key KEY --model PLAIN --out OUT`; returns what it printed.
+pub fn encrypt(key: &Path, plain: &Path, out: &Path) -> String {
     run_ok(&[
         "encrypt".as_ref(),
         "--key".as_ref(),
@@ -72,7 +72,19 @@ pub fn encrypt(key: &Path, plain: &Path, out: &Path) {
         plain.as_os_str(),
         "--out".as_ref(),
         out.as_os_str(),
-    ]);
+    ])
+}
+
+/// `p` when it exists; SKIP (or fail with `EQUICRYPT_REQUIRE_MODELS=1`) with `hint` otherwise.
+pub fn path_or_skip(test: &str, p: PathBuf, hint: &str) -> Option<PathBuf> {
+    equicrypt_test_support::require_or_skip(
+        test,
+        p.exists(),
+        &p.display().to_string(),
+        "EQUICRYPT_REQUIRE_MODELS",
+        hint,
+    )
+    .map(|()| p)
 }
 
 /// A temporary directory with a fresh key and the model encrypted with it.
