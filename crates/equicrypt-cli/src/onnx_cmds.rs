@@ -49,6 +49,18 @@ pub fn encrypt(key: &SecretKey, model: &Path, out: &Path, force: bool) -> Result
         r.total_macs as f64 / 1e6,
         r.cut.iter().map(|(n, s)| format!("`{n}` {s}")).collect::<Vec<_>>().join(", ")
     );
+    if r.head_nodes > 0 {
+        println!(
+            "client head: {} nodes, {:.1} M multiply-accumulates per input; the server returns {}",
+            r.head_nodes,
+            r.head_macs as f64 / 1e6,
+            r.returned
+                .iter()
+                .map(|(n, s)| format!("`{n}` {s}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     for (name, axes) in &r.outputs {
         println!("output `{name}`: permuted axes {axes:?} (the client decrypts them)");
     }
@@ -155,18 +167,26 @@ pub fn verify(key: &SecretKey, a: &OnnxVerifyArgs<'_>) -> Result<()> {
                 )),
             };
             let dir = tempfile::tempdir()?;
-            let plain_out = ort.run(plain, &names, &x, dir.path())?;
-            let server_out = ort.run(
-                &OnnxClient::server_model(encrypted),
-                &cut_names,
-                &run.cut,
-                dir.path(),
-            )?;
-            let client = OnnxClient::open(encrypted, key)?;
-            let first = &client.manifest.outputs[0].name;
-            let dec = client.decrypt_output(first, server_out)?;
+            let plain_files = OrtRunner::write_inputs(&names, &x, dir.path())?;
+            let cut_files = OrtRunner::write_inputs(&cut_names, &run.cut, dir.path())?;
+            let plain_out = ort.run(plain, &plain_files, None, dir.path())?;
+            let mut client = OnnxClient::open(encrypted, key)?;
+            let server_model = OnnxClient::server_model(encrypted);
+            let mut answer = Vec::new();
+            for name in client.server_outputs() {
+                answer.push(ort.run(&server_model, &cut_files, Some(&name), dir.path())?);
+            }
+            let pending = equicrypt_onnx::client::Pending {
+                kept: run.kept.clone(),
+                raw: client.head_raw(&x),
+                local: Default::default(),
+            };
+            let first = client.manifest.outputs[0].name.clone();
+            let dec = client
+                .finish(pending, answer)?
+                .remove(&first)
+                .with_context(|| format!("no output `{first}`"))?;
             if let Some(seconds) = bench {
-                let server_model = OnnxClient::server_model(encrypted);
                 let whole = dir.path().join("whole.onnx");
                 std::fs::write(
                     &whole,
@@ -175,9 +195,9 @@ pub fn verify(key: &SecretKey, a: &OnnxVerifyArgs<'_>) -> Result<()> {
                 let (mut p, mut w, mut s) = (Vec::new(), Vec::new(), Vec::new());
                 let rounds = 5;
                 for _ in 0..rounds {
-                    p.push(ort.bench(plain, &names, dir.path(), seconds)?);
-                    w.push(ort.bench(&whole, &names, dir.path(), seconds)?);
-                    s.push(ort.bench(&server_model, &cut_names, dir.path(), seconds)?);
+                    p.push(ort.bench(plain, &plain_files, seconds)?);
+                    w.push(ort.bench(&whole, &plain_files, seconds)?);
+                    s.push(ort.bench(&server_model, &cut_files, seconds)?);
                 }
                 let (plain_per_s, whole_per_s, server_per_s) = (median(p), median(w), median(s));
                 let stem_s = run.stem_seconds / n;

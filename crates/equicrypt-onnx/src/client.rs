@@ -76,6 +76,17 @@ pub struct OnnxClient {
     pub manifest: Manifest,
     perms: Vec<Permutation>,
     stem: Stem,
+    head: Option<Stem>,
+}
+
+/// What the client keeps between sending the stem's values and receiving the server's answer.
+pub struct Pending {
+    /// The stem's values the head reads, in the manifest's `kept` order.
+    pub kept: Vec<Tensor>,
+    /// The raw inputs the head reads, in the manifest's `head_raw` order.
+    pub raw: Vec<Tensor>,
+    /// Graph outputs the stem computed, by name.
+    pub local: HashMap<String, Tensor>,
 }
 
 impl OnnxClient {
@@ -104,10 +115,15 @@ impl OnnxClient {
         }
         let perms = manifest.vars.draw(key, &manifest.label());
         let stem = Stem::load(&dir.join(CLIENT_MODEL))?;
+        let head = match &manifest.head_model {
+            Some(h) => Some(Stem::load(&dir.join(h))?),
+            None => None,
+        };
         Ok(Self {
             manifest,
             perms,
             stem,
+            head,
         })
     }
 
@@ -117,11 +133,11 @@ impl OnnxClient {
     }
 
     /// Runs the stem on raw inputs: returns the values to send (in the server's input order)
-    /// and the outputs the client computed itself, by name.
+    /// and what the client keeps for the answer.
     pub fn encrypt_inputs(
         &mut self,
         inputs: Vec<Tensor>,
-    ) -> Result<(Vec<Tensor>, HashMap<String, Tensor>), OnnxError> {
+    ) -> Result<(Vec<Tensor>, Pending), OnnxError> {
         if inputs.len() != self.manifest.inputs.len() {
             return Err(OnnxError::Mismatch(format!(
                 "the model takes {} inputs, {} given",
@@ -129,11 +145,88 @@ impl OnnxClient {
                 inputs.len()
             )));
         }
+        let raw = self.head_raw(&inputs);
         let mut out = self.stem.run(inputs)?;
-        let local = out.split_off(self.manifest.cut.len());
-        let names = self.manifest.outputs.iter().filter(|o| !o.from_server);
-        let local = names.map(|o| o.name.clone()).zip(local).collect();
-        Ok((out, local))
+        let mut rest = out.split_off(self.manifest.cut.len().min(out.len()));
+        let local_out = rest.split_off(self.manifest.kept.len().min(rest.len()));
+        let names = self
+            .manifest
+            .outputs
+            .iter()
+            .filter(|o| !o.from_server && !o.from_head);
+        let local = names.map(|o| o.name.clone()).zip(local_out).collect();
+        Ok((
+            out,
+            Pending {
+                kept: rest,
+                raw,
+                local,
+            },
+        ))
+    }
+
+    /// The raw inputs the head reads, picked from all the model's inputs.
+    pub fn head_raw(&self, inputs: &[Tensor]) -> Vec<Tensor> {
+        self.manifest
+            .head_raw
+            .iter()
+            .filter_map(|n| self.manifest.inputs.iter().position(|x| x == n))
+            .filter_map(|i| inputs.get(i).cloned())
+            .collect()
+    }
+
+    /// Turns the server's answer into the model's outputs, by name: decrypts the server's
+    /// permuted outputs and runs the head on the values it returned.
+    pub fn finish(
+        &mut self,
+        pending: Pending,
+        server: Vec<Tensor>,
+    ) -> Result<HashMap<String, Tensor>, OnnxError> {
+        let served: Vec<String> = self
+            .manifest
+            .outputs
+            .iter()
+            .filter(|o| o.from_server)
+            .map(|o| o.name.clone())
+            .collect();
+        let expected = served.len() + self.manifest.returned.len();
+        if server.len() != expected {
+            return Err(OnnxError::Mismatch(format!(
+                "the server returned {} values, its model has {expected} outputs",
+                server.len()
+            )));
+        }
+        let mut server = server;
+        let returned = server.split_off(served.len());
+        let mut outputs = pending.local;
+        for (name, t) in served.iter().zip(server) {
+            let t = self.decrypt_output(name, t)?;
+            outputs.insert(name.clone(), t);
+        }
+        if let Some(head) = &mut self.head {
+            let mut inputs = returned;
+            inputs.extend(pending.kept);
+            inputs.extend(pending.raw);
+            let out = head.run(inputs)?;
+            let names = self.manifest.outputs.iter().filter(|o| o.from_head);
+            for (o, t) in names.zip(out) {
+                outputs.insert(o.name.clone(), t);
+            }
+        }
+        Ok(outputs)
+    }
+
+    /// The names of the server model's outputs, in order.
+    pub fn server_outputs(&self) -> Vec<String> {
+        let mut v: Vec<String> = self
+            .manifest
+            .outputs
+            .iter()
+            .filter(|o| o.from_server)
+            .map(|o| o.name.clone())
+            .collect();
+        v.extend(self.manifest.returned.iter().cloned());
+        v
     }
 
     /// Undoes the permutations of graph output `name`.

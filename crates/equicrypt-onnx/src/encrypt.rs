@@ -21,6 +21,8 @@ use crate::OnnxError;
 pub const MANIFEST: &str = "client.json";
 /// The client's model (the stem) in an encrypted directory.
 pub const CLIENT_MODEL: &str = "client.onnx";
+/// The client's model after the server (the head), where the model needs one.
+pub const HEAD_MODEL: &str = "head.onnx";
 /// The server's model in an encrypted directory.
 pub const SERVER_MODEL: &str = "server.onnx";
 /// The manifest's format tag.
@@ -42,6 +44,18 @@ pub struct Manifest {
     pub cut: Vec<String>,
     /// The graph outputs and how each is permuted.
     pub outputs: Vec<OutputSpec>,
+    /// The client's head model ([`HEAD_MODEL`]), if the model has a head.
+    #[serde(default)]
+    pub head_model: Option<String>,
+    /// Permuted values the server returns for the head, after its graph outputs.
+    #[serde(default)]
+    pub returned: Vec<String>,
+    /// Stem values the client keeps for the head, after `cut` among the stem's outputs.
+    #[serde(default)]
+    pub kept: Vec<String>,
+    /// Raw inputs the head reads.
+    #[serde(default)]
+    pub head_raw: Vec<String>,
     /// The permutation variables.
     pub vars: Vars,
 }
@@ -62,8 +76,11 @@ fn label(model_id: &str) -> String {
 pub struct OutputSpec {
     /// Its name.
     pub name: String,
-    /// Whether the server computes it (else the client's stem does).
+    /// Whether the server computes it (else the client's stem or head does).
     pub from_server: bool,
+    /// Whether the client's head computes it (from values the server returns).
+    #[serde(default)]
+    pub from_head: bool,
     /// Per axis, its permutation.
     pub axes: Ann,
 }
@@ -77,6 +94,12 @@ pub struct OnnxReport {
     pub client_nodes: usize,
     /// Nodes the server runs.
     pub server_nodes: usize,
+    /// Nodes the client runs after the server (the head).
+    pub head_nodes: usize,
+    /// Multiply–accumulates per input in the head.
+    pub head_macs: u64,
+    /// Values the server returns to the head, and their shapes.
+    pub returned: Vec<(String, String)>,
     /// Independent secret permutations (joined classes).
     pub permutations: usize,
     /// Their sizes, largest first.
@@ -113,15 +136,26 @@ pub fn encrypt_onnx(
         .map(|i| i.name.clone())
         .collect();
     let mut client_out = split.cut.clone();
+    client_out.extend(split.kept.iter().cloned());
     client_out.extend(split.client_outputs.iter().cloned());
     let client = sub_model(&graph, &model, &split.client, &inputs, &client_out)?;
-    let server = sub_model(
-        &graph,
-        &model,
-        &split.server,
-        &split.cut,
-        &split.server_outputs,
-    )?;
+    let mut server_out = split.server_outputs.clone();
+    server_out.extend(split.returned.iter().cloned());
+    let server = sub_model(&graph, &model, &split.server, &split.cut, &server_out)?;
+    let head = if split.head.is_empty() {
+        None
+    } else {
+        let mut head_in = split.returned.clone();
+        head_in.extend(split.kept.iter().cloned());
+        head_in.extend(split.head_raw.iter().cloned());
+        Some(sub_model(
+            &graph,
+            &model,
+            &split.head,
+            &head_in,
+            &split.head_outputs,
+        )?)
+    };
     let manifest = Manifest {
         format: FORMAT.into(),
         model_id,
@@ -135,9 +169,14 @@ pub fn encrypt_onnx(
             .map(|o| OutputSpec {
                 name: o.name.clone(),
                 from_server: split.server_outputs.contains(&o.name),
+                from_head: split.head_outputs.contains(&o.name),
                 axes: plan.annotation(&o.name),
             })
             .collect(),
+        head_model: head.as_ref().map(|_| HEAD_MODEL.to_string()),
+        returned: split.returned.clone(),
+        kept: split.kept.clone(),
+        head_raw: split.head_raw.clone(),
         vars: plan.vars.clone(),
     };
 
@@ -147,18 +186,29 @@ pub fn encrypt_onnx(
         .collect();
     sizes.sort_unstable_by(|a, b| b.cmp(a));
     let client_set: std::collections::HashSet<usize> = split.client.iter().copied().collect();
-    let (mut client_macs, mut total_macs) = (0, 0);
+    let head_set: std::collections::HashSet<usize> = split.head.iter().copied().collect();
+    let (mut client_macs, mut head_macs, mut total_macs) = (0, 0, 0);
     for (i, node) in graph.nodes().iter().enumerate() {
         let m = macs(&graph, node);
         total_macs += m;
         if client_set.contains(&i) {
             client_macs += m;
         }
+        if head_set.contains(&i) {
+            head_macs += m;
+        }
     }
     let report = OnnxReport {
         nodes: graph.nodes().len(),
         client_nodes: split.client.len(),
         server_nodes: split.server.len(),
+        head_nodes: split.head.len(),
+        head_macs,
+        returned: split
+            .returned
+            .iter()
+            .map(|c| (c.clone(), shape_text(&graph, c)))
+            .collect(),
         permutations: sizes.len(),
         permutation_sizes: sizes,
         rewritten_tensors: plan.rewrites.len(),
@@ -193,6 +243,17 @@ pub fn encrypt_onnx(
     })?;
     write_atomic(out_dir, SERVER_MODEL, &server.encode_to_vec())?;
     write_atomic(out_dir, CLIENT_MODEL, &client.encode_to_vec())?;
+    let head_path = out_dir.join(HEAD_MODEL);
+    match &head {
+        Some(h) => write_atomic(out_dir, HEAD_MODEL, &h.encode_to_vec())?,
+        None if head_path.exists() => {
+            std::fs::remove_file(&head_path).map_err(|source| OnnxError::Io {
+                path: head_path.clone(),
+                source,
+            })?
+        }
+        None => {}
+    }
     write_atomic(out_dir, MANIFEST, &manifest_json)?;
     Ok(report)
 }

@@ -68,6 +68,8 @@ pub struct PipelineRun {
     pub decrypted: Tensor,
     /// The stem's outputs (what the server received), in the manifest's cut order.
     pub cut: Vec<Tensor>,
+    /// The stem's values kept for the head, in the manifest's `kept` order.
+    pub kept: Vec<Tensor>,
     /// Seconds in the client's stem (tract).
     pub stem_seconds: f64,
     /// Seconds in the plaintext model (tract).
@@ -93,22 +95,10 @@ pub fn run_tract(
         .first()
         .cloned()
         .ok_or_else(|| OnnxError::Mismatch("the model has no output".into()))?;
-    if !first.from_server {
-        return Err(OnnxError::Mismatch(format!(
-            "output `{}` is computed by the client alone",
-            first.name
-        )));
-    }
-    let server_index = client
-        .manifest
-        .outputs
-        .iter()
-        .filter(|o| o.from_server)
-        .position(|o| o.name == first.name)
-        .unwrap_or(0);
     let n = inputs.first().map_or(0, |t| t.shape()[0]);
     let (mut p_out, mut d_out) = (Vec::new(), Vec::new());
     let mut cut_parts: Vec<Vec<Tensor>> = vec![Vec::new(); client.manifest.cut.len()];
+    let mut kept_parts: Vec<Vec<Tensor>> = vec![Vec::new(); client.manifest.kept.len()];
     let (mut stem_s, mut plain_s, mut server_s) = (0.0, 0.0, 0.0);
     let mut start = 0;
     while start < n {
@@ -118,16 +108,19 @@ pub fn run_tract(
         let p = plain_model.run(x.clone())?;
         plain_s += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        let (cut, _) = client.encrypt_inputs(x)?;
+        let (cut, pending) = client.encrypt_inputs(x)?;
         stem_s += t.elapsed().as_secs_f64();
+        for (parts, k) in kept_parts.iter_mut().zip(&pending.kept) {
+            parts.push(k.clone());
+        }
         let t = Instant::now();
         let s = server.run(cut.clone())?;
         server_s += t.elapsed().as_secs_f64();
-        let out = s
-            .into_iter()
-            .nth(server_index)
-            .ok_or_else(|| OnnxError::Mismatch("the server returned too few outputs".into()))?;
-        d_out.push(client.decrypt_output(&first.name, out)?);
+        let mut out = client.finish(pending, s)?;
+        let out = out
+            .remove(&first.name)
+            .ok_or_else(|| OnnxError::Mismatch(format!("no output `{}`", first.name)))?;
+        d_out.push(out);
         p_out.push(
             p.into_iter().next().ok_or_else(|| {
                 OnnxError::Mismatch("the plaintext model returned nothing".into())
@@ -142,6 +135,10 @@ pub fn run_tract(
         plain: concat(&p_out)?,
         decrypted: concat(&d_out)?,
         cut: cut_parts
+            .iter()
+            .map(|p| concat(p))
+            .collect::<Result<_, _>>()?,
+        kept: kept_parts
             .iter()
             .map(|p| concat(p))
             .collect::<Result<_, _>>()?,

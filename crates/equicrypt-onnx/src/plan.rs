@@ -264,7 +264,7 @@ impl Pass<'_> {
         node_ix: usize,
         node: &pb::NodeProto,
         name: &str,
-        axis: usize,
+        mut axis: usize,
         ap: AxisPerm,
     ) -> Result<(), OnnxError> {
         let n = ap.outer * self.vars.size(ap.var) * ap.inner;
@@ -294,6 +294,19 @@ impl Pass<'_> {
             let producer = &self.g.nodes()[pi];
             match producer.op_type.as_str() {
                 "Constant" => break,
+                "Expand" => {
+                    // A broadcast of a constant: permute the constant where it has the axis.
+                    let src = producer.input[0].clone();
+                    let (ro, rs) = (self.rank(node, &source)?, self.rank(node, &src)?);
+                    let Some(a) = (axis + rs).checked_sub(ro) else { return Ok(()) };
+                    self.requesters.entry(source.clone()).or_default().insert(requester);
+                    requester = pi;
+                    if self.dim(&src, a) == Some(1) {
+                        return Ok(());
+                    }
+                    axis = a;
+                    source = src;
+                }
                 "Identity" | "Cast" => {
                     self.requesters
                         .entry(source.clone())
@@ -318,6 +331,21 @@ impl Pass<'_> {
             .entry(source.clone())
             .or_default()
             .insert(requester);
+        // A constant that is the same along the axis needs no permutation (and so joins
+        // nothing: exporters share one tensor of ones between many normalizations).
+        let stored = match self.g.initializer(&source) {
+            Some(t) => Some(t),
+            None => self.g.producer(&source).and_then(|p| {
+                self.g.nodes()[p]
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "value")
+                    .and_then(|a| a.t.as_ref())
+            }),
+        };
+        if stored.is_some_and(|t| crate::tensor::is_uniform_along(t, axis)) {
+            return Ok(());
+        }
         let slot = self.rewrites.entry(source).or_default();
         match slot.get(&axis).copied() {
             None => {
@@ -367,7 +395,7 @@ impl Pass<'_> {
                 if a[ax].is_some() || self.dim(n, ax) == Some(1) {
                     continue;
                 }
-                if self.konst.contains(*n) {
+                if self.rewritable(n) {
                     self.request(ix, node, n, ax, c)?;
                 } else {
                     return Err(self.err(
@@ -459,10 +487,14 @@ impl Pass<'_> {
                     return Err(self.err(node, "training-mode outputs are not supported"));
                 }
                 let a = self.annotation(node, ins[0])?;
+                // Instance norm's statistics are sums over all the spatial axes, which any
+                // permutation of them leaves alone (GroupNorm exports reshape channels there).
+                let spatial_free = op == "InstanceNormalization";
+                let last = if spatial_free { 1 } else { a.len() };
                 self.require_unpermuted(
                     node,
                     &a,
-                    std::iter::once(0).chain(2..a.len()),
+                    std::iter::once(0).chain(2..last),
                     "batch or spatial",
                 )?;
                 if let Some(c) = self.channel(node, a.get(1).copied().flatten())? {
@@ -518,6 +550,7 @@ impl Pass<'_> {
             "Flatten" | "Reshape" | "Squeeze" | "Unsqueeze" => {
                 vec![self.reshape(node, ins[0], out0)?]
             }
+            "Einsum" => vec![self.einsum(ix, node, &ins)?],
             "Transpose" => {
                 let a = self.annotation(node, ins[0])?;
                 let perm: Vec<usize> = match OnnxGraph::attr_ints(node, "perm") {
@@ -642,10 +675,36 @@ impl Pass<'_> {
                 let r = a.len() as i64;
                 let axis = OnnxGraph::attr_i(node, "axis").unwrap_or(0);
                 let axis = if axis < 0 { axis + r } else { axis } as usize;
-                if a.get(axis).copied().flatten().is_some() {
-                    return Err(self.err(node, format!("it splits permuted axis {axis}")));
+                let outs: Vec<&String> = node.output.iter().filter(|o| !o.is_empty()).collect();
+                match a.get(axis).copied().flatten() {
+                    None => vec![a; node.output.len()],
+                    Some(ap) if ap.outer == 1 && ap.inner == 1 => {
+                        // Each part of the axis gets its own permutation: the axis' one becomes
+                        // their direct sum.
+                        let sizes: Option<Vec<usize>> =
+                            outs.iter().map(|o| self.dim(o, axis)).collect();
+                        let Some(sizes) = sizes else {
+                            return Err(self.err(node, "the sizes of its parts are not known"));
+                        };
+                        let parts = self.vars.split_into(ap.var, &sizes).map_err(|_| {
+                            self.err(
+                                node,
+                                format!("permuted axis {axis} cannot be split into {sizes:?}"),
+                            )
+                        })?;
+                        parts
+                            .into_iter()
+                            .map(|v| {
+                                let mut o = a.clone();
+                                o[axis] = Some(AxisPerm::plain(v));
+                                o
+                            })
+                            .collect()
+                    }
+                    Some(_) => {
+                        return Err(self.err(node, format!("it splits permuted axis {axis}")))
+                    }
                 }
-                vec![a; node.output.len()]
             }
             _ => {
                 return Err(self.err(
@@ -656,6 +715,26 @@ impl Pass<'_> {
         };
         self.set_outputs(node, anns);
         Ok(())
+    }
+
+    /// A fresh variable for a linear layer's output axis of size `n`; none for a single
+    /// channel, which no permutation can hide.
+    fn fresh_output(&mut self, n: usize) -> Option<AxisPerm> {
+        (n > 1).then(|| AxisPerm::plain(self.vars.fresh(n)))
+    }
+
+    /// Whether `name` is a constant, or a broadcast (`Expand`) or copy of one, so that the
+    /// stored tensor can be permuted for it.
+    fn rewritable(&self, name: &str) -> bool {
+        if self.konst.contains(name) {
+            return true;
+        }
+        match self.g.producer(name).map(|p| &self.g.nodes()[p]) {
+            Some(p) if matches!(p.op_type.as_str(), "Expand" | "Identity" | "Cast") => {
+                !self.permuted(&p.input[0]) && self.rewritable(&p.input[0])
+            }
+            _ => false,
+        }
     }
 
     fn conv(&mut self, ix: usize, node: &pb::NodeProto, ins: &[&str]) -> Result<Ann, OnnxError> {
@@ -692,9 +771,11 @@ impl Pass<'_> {
             if let Some(s) = sigma {
                 self.request(ix, node, w, in_axis, s)?;
             }
-            let tau = AxisPerm::plain(self.vars.fresh(m));
-            self.request(ix, node, w, out_axis, tau)?;
-            Some(tau)
+            let tau = self.fresh_output(m);
+            if let Some(t) = tau {
+                self.request(ix, node, w, out_axis, t)?;
+            }
+            tau
         } else if Some(group) == c_in && m == group {
             // Depthwise, one filter per channel: output channel c reads input channel c only,
             // so the output carries the input's permutation.
@@ -733,13 +814,15 @@ impl Pass<'_> {
         let n = self
             .dim(b, bn)
             .ok_or_else(|| self.err(node, "its weight shape is not known"))?;
-        let tau = AxisPerm::plain(self.vars.fresh(n));
-        self.request(ix, node, b, bn, tau)?;
-        let out = vec![a[m_axis], Some(tau)];
+        let tau = self.fresh_output(n);
+        if let Some(t) = tau {
+            self.request(ix, node, b, bn, t)?;
+        }
+        let out = vec![a[m_axis], tau];
         if let Some(c) = ins.get(2) {
             let cr = self.rank(node, c)?;
-            if cr >= 1 {
-                self.request(ix, node, c, cr - 1, tau)?;
+            if let (true, Some(t)) = (cr >= 1, tau) {
+                self.request(ix, node, c, cr - 1, t)?;
             }
             if cr == 2 {
                 if let Some(mp) = a[m_axis] {
@@ -768,9 +851,11 @@ impl Pass<'_> {
             let nn = self
                 .dim(y, 1)
                 .ok_or_else(|| self.err(node, "its weight shape is not known"))?;
-            let tau = AxisPerm::plain(self.vars.fresh(nn));
-            self.request(ix, node, y, 1, tau)?;
-            (xa[xr - 2], Some(tau))
+            let tau = self.fresh_output(nn);
+            if let Some(t) = tau {
+                self.request(ix, node, y, 1, t)?;
+            }
+            (xa[xr - 2], tau)
         } else if self.konst.contains(x) && xr == 2 {
             // W · y: W's columns meet y's rows; its rows get a fresh permutation.
             if let Some(k) = ya[yr - 2] {
@@ -779,9 +864,11 @@ impl Pass<'_> {
             let mm = self
                 .dim(x, 0)
                 .ok_or_else(|| self.err(node, "its weight shape is not known"))?;
-            let tau = AxisPerm::plain(self.vars.fresh(mm));
-            self.request(ix, node, x, 0, tau)?;
-            (Some(tau), ya[yr - 1])
+            let tau = self.fresh_output(mm);
+            if let Some(t) = tau {
+                self.request(ix, node, x, 0, t)?;
+            }
+            (tau, ya[yr - 1])
         } else {
             // Two data operands: the contracted axes must carry one permutation.
             match (xa[xr - 1], ya[yr - 2]) {
@@ -845,51 +932,173 @@ impl Pass<'_> {
         Ok(out)
     }
 
-    /// Reshapes keep a permuted digit intact when it falls whole inside one output axis.
-    fn reshape(&self, node: &pb::NodeProto, x: &str, y: &str) -> Result<Ann, OnnxError> {
+    /// Reshapes move permuted digits between axes. A digit that falls whole inside one output
+    /// axis keeps its variable. A digit split over several output axes (hidden → heads × head
+    /// dim, channels → groups × channels per group) factors its variable into a Kronecker
+    /// product, one factor per axis. Digits that meet in one output axis, adjacent, merge into
+    /// the product of their variables.
+    fn reshape(&mut self, node: &pb::NodeProto, x: &str, y: &str) -> Result<Ann, OnnxError> {
         let a = self.annotation(node, x)?;
         let fx = self.g.facts(x);
         let fy = self.g.facts(y);
         let (Some(dx), Some(dy)) = (fx.dims.clone(), fy.dims.clone()) else {
             return Err(self.err(node, "the shapes around it are not known"));
         };
-        let mut out: Ann = vec![None; dy.len()];
+        let cut = |k: usize| format!("it cuts permuted axis {k} off its boundaries");
+        // (output axis, variable, size, inner stride within that axis), per digit part.
+        let mut parts: Vec<(usize, VarId, usize, usize)> = Vec::new();
         for (k, ap) in a.iter().enumerate() {
             let Some(ap) = ap else { continue };
             let hidden = || self.err(node, format!("a dynamic shape hides permuted axis {k}"));
-            let mut stride = ap.inner;
+            let mut pos = ap.inner;
             for d in &dx[k + 1..] {
-                stride *= d.as_ref().and_then(|d| d.known()).ok_or_else(hidden)?;
+                pos *= d.as_ref().and_then(|d| d.known()).ok_or_else(hidden)?;
             }
-            let n = self.vars.size(ap.var);
+            let mut remaining = self.vars.size(ap.var);
+            // Digit pieces from the least significant output axis up: (axis, size, inner).
+            let mut pieces: Vec<(usize, usize, usize)> = Vec::new();
             let mut suffix = 1usize;
-            let mut found = None;
             for b in (0..dy.len()).rev() {
                 let Some(db) = dy[b].as_ref().and_then(|d| d.known()) else {
+                    // A symbolic axis (the batch, with heads folded into it): the digit lands
+                    // here whole, with an unknown number of copies above it.
+                    if !pos.is_multiple_of(suffix) || dy[b].is_none() {
+                        return Err(hidden());
+                    }
+                    pieces.push((b, remaining, pos / suffix));
+                    remaining = 1;
                     break;
                 };
-                if stride.is_multiple_of(suffix) && (suffix * db).is_multiple_of(stride * n) {
-                    found = Some((b, stride / suffix, suffix * db / (stride * n)));
+                let end = suffix * db;
+                if pos >= end {
+                    suffix = end;
+                    continue;
+                }
+                if !pos.is_multiple_of(suffix) || !end.is_multiple_of(pos) {
+                    return Err(self.err(node, cut(k)));
+                }
+                let cap = end / pos;
+                let inner = pos / suffix;
+                if remaining <= cap {
+                    if !cap.is_multiple_of(remaining) {
+                        return Err(self.err(node, cut(k)));
+                    }
+                    pieces.push((b, remaining, inner));
+                    remaining = 1;
                     break;
                 }
-                if suffix * db > stride {
-                    break;
+                if !remaining.is_multiple_of(cap) {
+                    return Err(self.err(node, cut(k)));
                 }
-                suffix *= db;
+                pieces.push((b, cap, inner));
+                remaining /= cap;
+                pos = end;
+                suffix = end;
             }
-            let Some((b, inner, outer)) = found else {
-                return Err(self.err(node, format!("it splits permuted axis {k}")));
-            };
-            if out[b].is_some() {
-                return Err(self.err(node, "it merges two permuted axes"));
+            if remaining != 1 || pieces.is_empty() {
+                return Err(self.err(node, format!("permuted axis {k} does not fit its output")));
             }
-            out[b] = Some(AxisPerm {
-                var: ap.var,
-                outer,
-                inner,
-            });
+            // Factor the variable, most significant piece first.
+            let mut var = ap.var;
+            for idx in (1..pieces.len()).rev() {
+                let (b, size, inner) = pieces[idx];
+                let (major, minor) = self.vars.factor(var, size).map_err(|_| {
+                    self.err(
+                        node,
+                        format!("permuted axis {k} cannot be split as the reshape needs"),
+                    )
+                })?;
+                parts.push((b, major, size, inner));
+                var = minor;
+            }
+            let (b, size, inner) = pieces[0];
+            parts.push((b, var, size, inner));
+        }
+        let mut out: Ann = vec![None; dy.len()];
+        for (b, slot) in out.iter_mut().enumerate() {
+            let mut here: Vec<(VarId, usize, usize)> = parts
+                .iter()
+                .filter(|p| p.0 == b)
+                .map(|p| (p.1, p.2, p.3))
+                .collect();
+            if here.is_empty() {
+                continue;
+            }
+            here.sort_by_key(|p| p.2);
+            let (mut var, mut size, inner) = here[0];
+            for &(v, n, i) in &here[1..] {
+                if i != inner * size {
+                    return Err(self.err(node, "it merges permuted axes that are not adjacent"));
+                }
+                var = self.vars.kron(v, var);
+                size *= n;
+            }
+            // `outer` 0: an unknown number of copies (a symbolic axis).
+            let outer = dy[b]
+                .as_ref()
+                .and_then(|d| d.known())
+                .map_or(0, |db| db / (size * inner));
+            *slot = Some(AxisPerm { var, outer, inner });
         }
         Ok(out)
+    }
+
+    /// Einsum: every letter carries one permutation across the operands (unified); constant
+    /// operands are permuted to match; the output's letters keep theirs.
+    fn einsum(&mut self, ix: usize, node: &pb::NodeProto, ins: &[&str]) -> Result<Ann, OnnxError> {
+        let eq = OnnxGraph::attr_s(node, "equation")
+            .unwrap_or_default()
+            .replace(' ', "");
+        let Some((lhs, rhs)) = eq.split_once("->") else {
+            return Err(self.err(node, "only explicit equations (with `->`) are supported"));
+        };
+        if eq.contains('.') {
+            return Err(self.err(node, "ellipses are not supported"));
+        }
+        let terms: Vec<&str> = lhs.split(',').collect();
+        if terms.len() != ins.len() {
+            return Err(self.err(node, "its equation does not match its inputs"));
+        }
+        let mut letter: HashMap<char, AxisPerm> = HashMap::new();
+        for (x, t) in ins.iter().zip(&terms) {
+            let a = self.annotation(node, x)?;
+            if a.len() != t.len() {
+                return Err(self.err(
+                    node,
+                    format!("`{x}` does not have the rank its term `{t}` says"),
+                ));
+            }
+            for (c, ap) in t.chars().zip(a) {
+                if let Some(ap) = ap {
+                    match letter.get(&c).copied() {
+                        None => {
+                            letter.insert(c, ap);
+                        }
+                        Some(prev) => self.unify(node, prev, ap)?,
+                    }
+                }
+            }
+        }
+        for (x, t) in ins.iter().zip(&terms) {
+            let a = self.annotation(node, x)?;
+            for (k, (c, ap)) in t.chars().zip(a).enumerate() {
+                let Some(want) = letter.get(&c).copied() else {
+                    continue;
+                };
+                if ap.is_some() || self.dim(x, k) == Some(1) {
+                    continue;
+                }
+                if self.rewritable(x) {
+                    self.request(ix, node, x, k, want)?;
+                } else {
+                    return Err(self.err(
+                        node,
+                        format!("`{x}` is not permuted on letter `{c}` where another operand is"),
+                    ));
+                }
+            }
+        }
+        Ok(rhs.chars().map(|c| letter.get(&c).copied()).collect())
     }
 
     fn concat(
@@ -948,7 +1157,7 @@ impl Pass<'_> {
                 if self.annotation(node, x)?[k].is_some() {
                     continue;
                 }
-                if self.konst.contains(*x) {
+                if self.rewritable(x) {
                     self.request(ix, node, x, k, c)?;
                 } else {
                     return Err(self.err(
@@ -981,7 +1190,7 @@ impl Pass<'_> {
                     });
                 }
                 let node = &self.g.nodes()[c];
-                if matches!(node.op_type.as_str(), "Identity" | "Cast") {
+                if matches!(node.op_type.as_str(), "Identity" | "Cast" | "Expand") {
                     stack.extend(node.output.iter().cloned());
                 }
             }

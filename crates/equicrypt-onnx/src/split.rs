@@ -1,7 +1,10 @@
 //! The client/server split: the client keeps the *stem* — every node from the raw inputs up to
 //! and including the first nonlinear activation of a permuted value — and sends the server only
-//! permuted values. The cut is checked: a floating-point value the server would read must be
-//! permuted, so raw inputs and plaintext activations never cross.
+//! permuted values. Where a graph output would come out unpermuted (a single-channel image, a
+//! denoised sample), the client also keeps the *head*: the nodes from the server's last permuted
+//! values to that output. Both crossings are checked: a floating-point value that goes to or
+//! comes from the server must be permuted, so raw inputs, plaintext activations and plaintext
+//! outputs never cross.
 
 use std::collections::HashSet;
 
@@ -39,10 +42,20 @@ pub struct Split {
     pub server: Vec<usize>,
     /// Values the client computes and sends: the server's inputs.
     pub cut: Vec<String>,
-    /// Graph outputs the client computes itself.
+    /// Graph outputs the client's stem computes itself.
     pub client_outputs: Vec<String>,
-    /// Graph outputs the server returns.
+    /// Graph outputs the server returns (permuted).
     pub server_outputs: Vec<String>,
+    /// Nodes the client runs after the server (the head), in graph order.
+    pub head: Vec<usize>,
+    /// Permuted values the server returns for the head (after `server_outputs`).
+    pub returned: Vec<String>,
+    /// Stem values the client keeps for the head (after `cut` among the stem's outputs).
+    pub kept: Vec<String>,
+    /// Raw inputs the head reads.
+    pub head_raw: Vec<String>,
+    /// Graph outputs the head computes.
+    pub head_outputs: Vec<String>,
 }
 
 /// Splits the graph after its stem.
@@ -81,14 +94,66 @@ pub fn split(graph: &OnnxGraph, plan: &ChannelPlan) -> Result<Split, OnnxError> 
             server.push(i);
         }
     }
-    let server_set: HashSet<usize> = server.iter().copied().collect();
+    let is_float = |v: &str| graph.facts(v).datum_type.is_none_or(|t| t.is_float());
+    let raw_inputs: HashSet<String> = graph
+        .runtime_inputs()
+        .iter()
+        .map(|i| i.name.clone())
+        .collect();
+    // The head: back from each unpermuted graph output the server would compute, through
+    // unpermuted values, up to permuted ones.
+    let mut server_set: HashSet<usize> = server.iter().copied().collect();
+    let mut head_set: HashSet<usize> = HashSet::new();
+    let mut work: Vec<usize> = graph
+        .graph()
+        .output
+        .iter()
+        .filter(|o| is_float(&o.name) && !plan.is_permuted(&o.name))
+        .filter_map(|o| graph.producer(&o.name))
+        .filter(|p| server_set.contains(p))
+        .collect();
+    while let Some(n) = work.pop() {
+        if !server_set.contains(&n) || !head_set.insert(n) {
+            continue;
+        }
+        for v in nodes[n]
+            .input
+            .iter()
+            .filter(|x| !x.is_empty() && !plan.konst.contains(*x))
+        {
+            if let Some(p) = graph.producer(v) {
+                if server_set.contains(&p)
+                    && !head_set.contains(&p)
+                    && is_float(v)
+                    && !plan.is_permuted(v)
+                {
+                    work.push(p);
+                }
+            }
+        }
+    }
+    server.retain(|n| !head_set.contains(n));
+    server_set.retain(|n| !head_set.contains(n));
+    let head: Vec<usize> = {
+        let mut h: Vec<usize> = head_set.iter().copied().collect();
+        h.sort_unstable();
+        h
+    };
+    let head_vals: HashSet<&String> = head.iter().flat_map(|&i| nodes[i].output.iter()).collect();
+    for &i in &server {
+        if let Some(v) = nodes[i].input.iter().find(|x| head_vals.contains(x)) {
+            return Err(OnnxError::Leak {
+                value: v.clone(),
+                node: node_label(&nodes[i]),
+            });
+        }
+    }
     let mut cut = Vec::new();
     let mut seen = HashSet::new();
     for &i in &server {
         for x in nodes[i].input.iter().filter(|x| !x.is_empty()) {
             if client_vals.contains(x) && seen.insert(x.clone()) {
-                let float = graph.facts(x).datum_type.is_none_or(|t| t.is_float());
-                if float && !plan.is_permuted(x) {
+                if is_float(x) && !plan.is_permuted(x) {
                     return Err(OnnxError::Leak {
                         value: x.clone(),
                         node: node_label(&nodes[i]),
@@ -98,15 +163,41 @@ pub fn split(graph: &OnnxGraph, plan: &ChannelPlan) -> Result<Split, OnnxError> 
             }
         }
     }
+    let (mut returned, mut kept, mut head_raw) = (Vec::new(), Vec::new(), Vec::new());
+    let mut seen = HashSet::new();
+    for &i in &head {
+        for x in nodes[i]
+            .input
+            .iter()
+            .filter(|x| !x.is_empty() && !plan.konst.contains(*x))
+        {
+            if head_vals.contains(x) || !seen.insert(x.clone()) {
+                continue;
+            }
+            match graph.producer(x) {
+                Some(p) if server_set.contains(&p) => {
+                    if is_float(x) && !plan.is_permuted(x) {
+                        return Err(OnnxError::Leak {
+                            value: x.clone(),
+                            node: node_label(&nodes[i]),
+                        });
+                    }
+                    returned.push(x.clone());
+                }
+                _ if raw_inputs.contains(x) => head_raw.push(x.clone()),
+                _ => kept.push(x.clone()),
+            }
+        }
+    }
     let mut client_outputs = Vec::new();
     let mut server_outputs = Vec::new();
+    let mut head_outputs = Vec::new();
     for o in &graph.graph().output {
-        let by_server = graph
-            .producer(&o.name)
-            .is_some_and(|p| server_set.contains(&p));
-        if by_server {
-            let float = graph.facts(&o.name).datum_type.is_none_or(|t| t.is_float());
-            if float && !plan.is_permuted(&o.name) {
+        let producer = graph.producer(&o.name);
+        if producer.is_some_and(|p| head_set.contains(&p)) {
+            head_outputs.push(o.name.clone());
+        } else if producer.is_some_and(|p| server_set.contains(&p)) {
+            if is_float(&o.name) && !plan.is_permuted(&o.name) {
                 return Err(OnnxError::PlainOutput {
                     output: o.name.clone(),
                 });
@@ -134,12 +225,21 @@ pub fn split(graph: &OnnxGraph, plan: &ChannelPlan) -> Result<Split, OnnxError> 
     };
     with_consts(&mut client);
     with_consts(&mut server);
+    let mut head = head;
+    if !head.is_empty() {
+        with_consts(&mut head);
+    }
     Ok(Split {
         client,
         server,
         cut,
         client_outputs,
         server_outputs,
+        head,
+        returned,
+        kept,
+        head_raw,
+        head_outputs,
     })
 }
 

@@ -104,6 +104,43 @@ pub fn permute_axis(
     }
 }
 
+/// Whether every slice of `t` along `axis` is the same (permuting that axis changes nothing:
+/// a shared constant of ones, say). `false` where the data cannot be read.
+pub fn is_uniform_along(t: &pb::TensorProto, axis: usize) -> bool {
+    let dims: Vec<usize> = t.dims.iter().map(|&d| d.max(0) as usize).collect();
+    if axis >= dims.len() {
+        return false;
+    }
+    let outer: usize = dims[..axis].iter().product();
+    let n = dims[axis];
+    let inner: usize = dims[axis + 1..].iter().product();
+    fn uniform<T: PartialEq>(v: &[T], outer: usize, n: usize, unit: usize) -> bool {
+        if v.len() != outer * n * unit {
+            return false;
+        }
+        (0..outer).all(|o| {
+            let base = o * n * unit;
+            (1..n).all(|i| v[base..base + unit] == v[base + i * unit..base + (i + 1) * unit])
+        })
+    }
+    if !t.raw_data.is_empty() {
+        return element_bytes(t.data_type)
+            .is_some_and(|eb| uniform(&t.raw_data, outer, n, inner * eb));
+    }
+    if !t.float_data.is_empty() {
+        // Bit patterns: a NaN equals itself, -0.0 differs from 0.0.
+        let bits: Vec<u32> = t.float_data.iter().map(|f| f.to_bits()).collect();
+        return uniform(&bits, outer, n, inner);
+    }
+    if !t.int64_data.is_empty() {
+        return uniform(&t.int64_data, outer, n, inner);
+    }
+    if !t.int32_data.is_empty() {
+        return uniform(&t.int32_data, outer, n, inner);
+    }
+    false
+}
+
 /// The values of a float32 tensor (from `raw_data` or `float_data`), or `None` for other types.
 pub fn f32_values(t: &pb::TensorProto) -> Option<Vec<f32>> {
     if t.data_type != DataType::Float as i32 {
