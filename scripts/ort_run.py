@@ -42,12 +42,21 @@ ORT_TYPES = {
 }
 
 
+# Inputs fed whole to every slice (1-D integer tensors: shape values, not data).
+unbatched: set[str] = set()
+
+
+def rows(feeds: dict[str, np.ndarray], start: int, end: int) -> dict[str, np.ndarray]:
+    return {k: (v if k in unbatched else v[start:end]) for k, v in feeds.items()}
+
+
 class Failure(Exception):
     """An error reported as one line and exit status 2."""
 
 
 def load_inputs(session, inputs: Path | None, files: dict[str, Path]) -> tuple[dict[str, np.ndarray], int]:
     feeds: dict[str, np.ndarray] = {}
+    unbatched.clear()
     n = None
     for i in session.get_inputs():
         path = files[i.name] if i.name in files else (inputs or Path(".")) / f"{i.name}.npy"
@@ -68,11 +77,15 @@ def load_inputs(session, inputs: Path | None, files: dict[str, Path]) -> tuple[d
         for axis, (have, dim) in enumerate(zip(a.shape, shape)):
             if isinstance(dim, int) and dim != have and not (axis == 0 and dim in (0, -1)):
                 raise Failure(f"{path}: shape {list(a.shape)}, graph input {i.name!r} is {shape}")
+        feeds[i.name] = np.ascontiguousarray(a)
+        if a.dtype.kind in "iu" and a.ndim == 1:
+            # Shape arithmetic that crossed a split (a grid size): passed whole, not batched.
+            unbatched.add(i.name)
+            continue
         if n is None:
             n = a.shape[0]
         elif a.shape[0] != n:
             raise Failure(f"{path}: {a.shape[0]} rows, the other inputs have {n}")
-        feeds[i.name] = np.ascontiguousarray(a)
     if n is None:
         raise Failure("the model has no graph inputs")
     if n == 0:
@@ -83,7 +96,7 @@ def load_inputs(session, inputs: Path | None, files: dict[str, Path]) -> tuple[d
 def run_all(session, feeds: dict[str, np.ndarray], n: int, batch: int, output: str) -> np.ndarray:
     parts = []
     for start in range(0, n, batch):
-        part = {k: v[start:start + batch] for k, v in feeds.items()}
+        part = rows(feeds, start, start + batch)
         parts.append(session.run([output], part)[0])
     return np.concatenate(parts, axis=0)
 
@@ -138,13 +151,12 @@ def main() -> int:
             if a.bench is not None:
                 run_all(session, feeds, n, a.batch, output)  # warm-up
                 # Round and round the input set, slice by slice, until the time is up.
-                slices = [{k: v[s:s + a.batch] for k, v in feeds.items()}
-                          for s in range(0, n, a.batch)]
+                slices = [rows(feeds, s, s + a.batch) for s in range(0, n, a.batch)]
                 images, start, i = 0, time.perf_counter(), 0
                 while True:
                     part = slices[i % len(slices)]
                     session.run([output], part)
-                    images += len(next(iter(part.values())))
+                    images += len(next(v for k, v in part.items() if k not in unbatched))
                     i += 1
                     elapsed = time.perf_counter() - start
                     if elapsed >= a.bench:

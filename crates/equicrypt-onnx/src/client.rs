@@ -39,9 +39,27 @@ impl Stem {
         })
     }
 
-    /// Runs the model on `inputs` (in graph-input order) and returns its outputs.
+    /// Runs the model on `inputs` (in graph-input order) and returns its outputs. Integer
+    /// inputs (shape arithmetic that crossed the split) are fixed as constants, so that tract
+    /// can type the reshapes that read them.
     pub fn run(&mut self, inputs: Vec<Tensor>) -> Result<Vec<Tensor>, OnnxError> {
-        let shapes: Vec<Vec<usize>> = inputs.iter().map(|t| t.shape().to_vec()).collect();
+        let shapes: Vec<Vec<usize>> = inputs
+            .iter()
+            .map(|t| {
+                let mut key = t.shape().to_vec();
+                if !t.datum_type().is_float() {
+                    if let Ok(v) = t.cast_to::<i64>() {
+                        key.extend(
+                            crate::values::<i64>(&v)
+                                .unwrap_or_default()
+                                .iter()
+                                .map(|&x| x as usize),
+                        );
+                    }
+                }
+                key
+            })
+            .collect();
         let fail = |e: TractError| OnnxError::Run {
             what: self.what.clone(),
             reason: format!("{e:#}"),
@@ -51,9 +69,12 @@ impl Stem {
             _ => {
                 let mut m = self.inference.clone();
                 for (i, t) in inputs.iter().enumerate() {
-                    m = m
-                        .with_input_fact(i, InferenceFact::dt_shape(t.datum_type(), t.shape()))
-                        .map_err(fail)?;
+                    let fact = if t.datum_type().is_float() {
+                        InferenceFact::dt_shape(t.datum_type(), t.shape())
+                    } else {
+                        InferenceFact::from(t.clone())
+                    };
+                    m = m.with_input_fact(i, fact).map_err(fail)?;
                 }
                 let plan = m
                     .into_optimized()

@@ -38,27 +38,35 @@ pub fn read(path: &Path) -> Result<Tensor, OnnxError> {
     t.map_err(|e| bad(e.to_string()))
 }
 
-/// Writes an `f32` tensor as `.npy`.
+/// Writes a tensor as `.npy`: `f32` for floats, `i64` for integers.
 pub fn write_f32(path: &Path, t: &Tensor) -> Result<(), OnnxError> {
     let bad = |reason: String| OnnxError::Npy {
         path: path.to_path_buf(),
         reason,
     };
-    let t = t.cast_to::<f32>().map_err(|e| bad(e.to_string()))?;
-    let data = crate::values::<f32>(&t)?;
     let shape: Vec<u64> = t.shape().iter().map(|&d| d as u64).collect();
-    let mut buf = Vec::new();
-    {
+    fn encode<T: npyz::AutoSerialize + Copy>(
+        shape: &[u64],
+        data: &[T],
+    ) -> std::io::Result<Vec<u8>> {
+        let mut buf = Vec::new();
         let mut w = npyz::WriteOptions::new()
             .default_dtype()
-            .shape(&shape)
+            .shape(shape)
             .writer(&mut buf)
-            .begin_nd()
-            .map_err(|e| bad(e.to_string()))?;
-        w.extend(data.iter().copied())
-            .map_err(|e| bad(e.to_string()))?;
-        w.finish().map_err(|e| bad(e.to_string()))?;
+            .begin_nd()?;
+        w.extend(data.iter().copied())?;
+        w.finish()?;
+        Ok(buf)
     }
+    let buf = if t.datum_type().is_float() {
+        let t = t.cast_to::<f32>().map_err(|e| bad(e.to_string()))?;
+        encode(&shape, &crate::values::<f32>(&t)?)
+    } else {
+        let t = t.cast_to::<i64>().map_err(|e| bad(e.to_string()))?;
+        encode(&shape, &crate::values::<i64>(&t)?)
+    }
+    .map_err(|e| bad(e.to_string()))?;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()

@@ -113,6 +113,18 @@ const ELEMENTWISE: &[&str] = &[
     "Where",
 ];
 
+/// Ops that copy or move a constant without computing on it: a permutation requested on their
+/// output is requested on their (first) input, along the corresponding axis.
+const MOVES_CONSTANTS: &[&str] = &[
+    "Identity",
+    "Cast",
+    "Expand",
+    "Transpose",
+    "Reshape",
+    "Resize",
+    "Slice",
+];
+
 /// Ops whose outputs carry no data of their input (shapes, sizes).
 const SHAPE_ONLY: &[&str] = &["Shape", "Size"];
 
@@ -264,7 +276,7 @@ impl Pass<'_> {
         node_ix: usize,
         node: &pb::NodeProto,
         name: &str,
-        mut axis: usize,
+        axis: usize,
         ap: AxisPerm,
     ) -> Result<(), OnnxError> {
         let n = ap.outer * self.vars.size(ap.var) * ap.inner;
@@ -281,52 +293,109 @@ impl Pass<'_> {
                 ))
             }
         }
-        // Follow Identity / Cast chains back to the stored tensor.
-        let mut source = name.to_string();
-        let mut requester = node_ix;
-        loop {
-            if self.g.initializer(&source).is_some() {
-                break;
-            }
-            let Some(pi) = self.g.producer(&source) else {
+        self.request_from(node_ix, node, name, axis, ap)
+    }
+
+    /// Follows a constant operand back through the ops that only copy or move it (Identity,
+    /// Cast, Expand, Transpose, Reshape, Resize, Slice, Concat) to the stored tensors, mapping
+    /// the axis on the way, and records the permutation there.
+    fn request_from(
+        &mut self,
+        requester: usize,
+        node: &pb::NodeProto,
+        source: &str,
+        axis: usize,
+        ap: AxisPerm,
+    ) -> Result<(), OnnxError> {
+        if self.dim(source, axis) == Some(1) {
+            return Ok(());
+        }
+        if self.g.initializer(source).is_none() {
+            let Some(pi) = self.g.producer(source) else {
                 return Err(self.err(node, format!("`{source}` is neither a constant nor data")));
             };
-            let producer = &self.g.nodes()[pi];
-            match producer.op_type.as_str() {
-                "Constant" => break,
-                "Expand" => {
-                    // A broadcast of a constant: permute the constant where it has the axis.
-                    let src = producer.input[0].clone();
-                    let (ro, rs) = (self.rank(node, &source)?, self.rank(node, &src)?);
-                    let Some(a) = (axis + rs).checked_sub(ro) else { return Ok(()) };
-                    self.requesters.entry(source.clone()).or_default().insert(requester);
-                    requester = pi;
-                    if self.dim(&src, a) == Some(1) {
-                        return Ok(());
-                    }
-                    axis = a;
-                    source = src;
-                }
-                "Identity" | "Cast" => {
-                    self.requesters
-                        .entry(source.clone())
-                        .or_default()
-                        .insert(requester);
-                    requester = pi;
-                    source = producer.input[0].clone();
-                }
-                _ => {
-                    return Err(self.err(
+            let producer = self.g.nodes()[pi].clone();
+            let op = producer.op_type.as_str();
+            if op != "Constant" {
+                self.requesters
+                    .entry(source.to_string())
+                    .or_default()
+                    .insert(requester);
+                let src = producer.input[0].clone();
+                let moved = |what: &str| {
+                    self.err(
                         node,
                         format!(
-                            "constant operand `{name}` is computed ({} node `{}`); only stored tensors can be permuted",
-                            producer.op_type,
-                            node_label(producer)
+                            "constant operand `{source}` is {what} ({op} node `{}`)",
+                            node_label(&producer)
                         ),
-                    ))
-                }
+                    )
+                };
+                let in_axis = match op {
+                    "Identity" | "Cast" => axis,
+                    "Expand" => {
+                        let (ro, rs) = (self.rank(node, source)?, self.rank(node, &src)?);
+                        match (axis + rs).checked_sub(ro) {
+                            Some(a) => a,
+                            None => return Ok(()),
+                        }
+                    }
+                    "Transpose" => {
+                        let r = self.rank(node, &src)?;
+                        let perm: Vec<usize> = match OnnxGraph::attr_ints(&producer, "perm") {
+                            Some(p) => p.iter().map(|&x| x as usize).collect(),
+                            None => (0..r).rev().collect(),
+                        };
+                        *perm.get(axis).ok_or_else(|| moved("transposed oddly"))?
+                    }
+                    "Resize" | "Slice" => {
+                        if self.dim(&src, axis).is_none()
+                            || self.dim(&src, axis) != self.dim(source, axis)
+                        {
+                            return Err(moved("resized or sliced along the permuted axis"));
+                        }
+                        axis
+                    }
+                    "Reshape" => {
+                        let (Some(dx), Some(dy)) =
+                            (self.g.facts(&src).dims, self.g.facts(source).dims)
+                        else {
+                            return Err(moved("reshaped with unknown shapes"));
+                        };
+                        let known = |d: &[Option<crate::graph::Dim>]| -> Option<usize> {
+                            d.iter()
+                                .map(|d| d.as_ref().and_then(|d| d.known()))
+                                .product()
+                        };
+                        let want = (
+                            dy[axis].as_ref().and_then(|d| d.known()),
+                            known(&dy[axis + 1..]),
+                        );
+                        (0..dx.len())
+                            .find(|&k| {
+                                (dx[k].as_ref().and_then(|d| d.known()), known(&dx[k + 1..]))
+                                    == want
+                            })
+                            .ok_or_else(|| moved("reshaped across the permuted axis"))?
+                    }
+                    "Concat" => {
+                        let r = self.rank(node, source)? as i64;
+                        let c = OnnxGraph::attr_i(&producer, "axis").unwrap_or(0);
+                        let c = if c < 0 { c + r } else { c } as usize;
+                        if c == axis {
+                            return Err(moved("concatenated along the permuted axis"));
+                        }
+                        for x in producer.input.iter().filter(|x| !x.is_empty()) {
+                            self.request_from(pi, node, x, axis, ap)?;
+                        }
+                        return Ok(());
+                    }
+                    _ => return Err(moved("computed")),
+                };
+                return self.request_from(pi, node, &src, in_axis, ap);
             }
         }
+        let source = source.to_string();
         self.requesters
             .entry(source.clone())
             .or_default()
@@ -729,9 +798,17 @@ impl Pass<'_> {
         if self.konst.contains(name) {
             return true;
         }
+        if self.permuted(name) {
+            return false;
+        }
         match self.g.producer(name).map(|p| &self.g.nodes()[p]) {
-            Some(p) if matches!(p.op_type.as_str(), "Expand" | "Identity" | "Cast") => {
-                !self.permuted(&p.input[0]) && self.rewritable(&p.input[0])
+            Some(p) if p.op_type == "Concat" => p
+                .input
+                .iter()
+                .filter(|x| !x.is_empty())
+                .all(|x| self.rewritable(x)),
+            Some(p) if MOVES_CONSTANTS.contains(&p.op_type.as_str()) => {
+                self.rewritable(&p.input[0])
             }
             _ => false,
         }
@@ -1182,6 +1259,10 @@ impl Pass<'_> {
             }
             let asked = self.requesters.get(&name);
             for &c in self.g.consumers(&name) {
+                // `Shape` and `Size` read only the shape, which a permutation keeps.
+                if SHAPE_ONLY.contains(&self.g.nodes()[c].op_type.as_str()) {
+                    continue;
+                }
                 if !asked.is_some_and(|s| s.contains(&c)) {
                     let node = &self.g.nodes()[c];
                     return Err(OnnxError::SharedConstant {
@@ -1190,7 +1271,11 @@ impl Pass<'_> {
                     });
                 }
                 let node = &self.g.nodes()[c];
-                if matches!(node.op_type.as_str(), "Identity" | "Cast" | "Expand") {
+                // Continue through the ops the request walked through (their outputs were
+                // asked for too), not through the nodes that consumed the constant.
+                let moved =
+                    MOVES_CONSTANTS.contains(&node.op_type.as_str()) || node.op_type == "Concat";
+                if moved && node.output.iter().any(|o| self.requesters.contains_key(o)) {
                     stack.extend(node.output.iter().cloned());
                 }
             }

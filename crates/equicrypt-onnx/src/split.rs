@@ -15,7 +15,8 @@ use crate::graph::{node_label, Dim, OnnxGraph};
 use crate::plan::ChannelPlan;
 use crate::OnnxError;
 
-/// Nonlinear activations: the stem ends after the first one applied to a permuted value.
+/// Nonlinear elementwise ops (activations, and the pieces of a decomposed GELU, LayerNorm or
+/// softmax): the stem ends after the first one applied to a permuted value.
 const ACTIVATIONS: &[&str] = &[
     "Relu",
     "LeakyRelu",
@@ -31,6 +32,13 @@ const ACTIVATIONS: &[&str] = &[
     "Gelu",
     "Mish",
     "Clip",
+    "Erf",
+    "Pow",
+    "Sqrt",
+    "Exp",
+    "Log",
+    "Reciprocal",
+    "Softmax",
 ];
 
 /// Which side runs each node.
@@ -139,9 +147,43 @@ pub fn split(graph: &OnnxGraph, plan: &ChannelPlan) -> Result<Split, OnnxError> 
         h.sort_unstable();
         h
     };
-    let head_vals: HashSet<&String> = head.iter().flat_map(|&i| nodes[i].output.iter()).collect();
+    // Shape arithmetic on the head's values (sizes for a final Resize) runs in the head too.
+    let mut head = head;
+    let mut head_vals: HashSet<String> = head
+        .iter()
+        .flat_map(|&i| nodes[i].output.iter().cloned())
+        .collect();
+    loop {
+        let moved: Vec<usize> = server
+            .iter()
+            .copied()
+            .filter(|&i| {
+                let n = &nodes[i];
+                n.input.iter().any(|x| head_vals.contains(x))
+                    && n.output
+                        .iter()
+                        .filter(|o| !o.is_empty())
+                        .all(|o| graph.facts(o).datum_type.is_some_and(|t| !t.is_float()))
+            })
+            .collect();
+        if moved.is_empty() {
+            break;
+        }
+        for i in moved {
+            server.retain(|&n| n != i);
+            server_set.remove(&i);
+            head_set.insert(i);
+            head.push(i);
+            head_vals.extend(nodes[i].output.iter().cloned());
+        }
+    }
+    head.sort_unstable();
     for &i in &server {
-        if let Some(v) = nodes[i].input.iter().find(|x| head_vals.contains(x)) {
+        if let Some(v) = nodes[i]
+            .input
+            .iter()
+            .find(|x| head_vals.contains(x.as_str()))
+        {
             return Err(OnnxError::Leak {
                 value: v.clone(),
                 node: node_label(&nodes[i]),
@@ -225,7 +267,6 @@ pub fn split(graph: &OnnxGraph, plan: &ChannelPlan) -> Result<Split, OnnxError> 
     };
     with_consts(&mut client);
     with_consts(&mut server);
-    let mut head = head;
     if !head.is_empty() {
         with_consts(&mut head);
     }
