@@ -203,14 +203,9 @@ impl OnnxClient {
         pending: Pending,
         server: Vec<Tensor>,
     ) -> Result<HashMap<String, Tensor>, OnnxError> {
-        let served: Vec<String> = self
-            .manifest
-            .outputs
-            .iter()
-            .filter(|o| o.from_server)
-            .map(|o| o.name.clone())
-            .collect();
-        let expected = served.len() + self.manifest.returned.len();
+        let mut served = self.server_outputs();
+        let expected = served.len();
+        served.truncate(expected - self.manifest.returned.len());
         if server.len() != expected {
             return Err(OnnxError::Mismatch(format!(
                 "the server returned {} values, its model has {expected} outputs",
